@@ -1,0 +1,62 @@
+"""The `distmerge` command. Subcommands import lazily so `distmerge --help` stays fast (no torch/ray import).
+
+Errors that distmerge raises on purpose (bad input, bad recipe, storage problems) print as one line without a
+traceback and exit with status 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import click
+
+# name -> "module:attribute"; each module defines one click command or group.
+SUBCOMMANDS = {
+    "inspect": "distmerge.cli.inspect_cmd:inspect",
+    "demo": "distmerge.cli.demo_cmd:demo",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = SUBCOMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(package_name="distmerge")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Merge large LLM checkpoints across Ray workers, from any fsspec URL."""
+    ctx.ensure_object(dict)["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}.items():
+        os.environ.setdefault(key, value)
+    from distmerge.errors import DistmergeError
+
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except DistmergeError as exc:
+        if "--debug" in (argv if argv is not None else sys.argv):
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

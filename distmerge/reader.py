@@ -1,0 +1,85 @@
+"""Read a set of tensors by name from any checkpoint URL into torch tensors.
+
+Remote files: the byte ranges of the requested tensors are grouped by file and coalesced into few requests.
+Local files: tensors are zero-copy views of a read-only mmap (the page cache is the buffer), so reading a
+block costs no copy until a computation needs one. Views are read-only: consumers must not write in place.
+"""
+
+from __future__ import annotations
+
+import mmap
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+
+from distmerge.checkpoint import CheckpointIndex
+from distmerge.safetensors_format import TensorEntry
+
+
+class TensorReader:
+    """Reads tensors of one checkpoint; keeps local files mapped between calls."""
+
+    def __init__(self, index: CheckpointIndex):
+        self.index = index
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def read(
+        self, names: Iterable[str], *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Tensors by name; `dtype` casts (e.g. torch.float32 to upcast bf16), `device` moves."""
+        entries = [self.index.entry(n) for n in names]
+        by_file: dict[str, list[TensorEntry]] = defaultdict(list)
+        for entry in entries:
+            by_file[entry.file].append(entry)
+        out: dict[str, torch.Tensor] = {}
+        for file, group in by_file.items():
+            loc = self.index.location.child(file)
+            if loc.local_path is not None:
+                raw = {e.name: self._mapped(file, loc.local_path, e) for e in group}
+            else:
+                blobs = loc.read_ranges([(e.start, e.end) for e in group], file_size=self.index.files[file].size)
+                raw = {e.name: _from_buffer(blob, e, 0) for e, blob in zip(group, blobs, strict=True)}
+            for name, tensor in raw.items():
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                out[name] = tensor.to(device) if str(device) != "cpu" else tensor
+        return {e.name: out[e.name] for e in entries}
+
+    def _mapped(self, file: str, path: str, entry: TensorEntry) -> torch.Tensor:
+        mm = self._maps.get(file)
+        if mm is None:
+            with open(path, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[file] = mm
+        return _from_buffer(mm, entry, entry.start)
+
+    def close(self) -> None:
+        # Tensors may still view the maps; dropping our references lets them close when the last view dies.
+        self._maps.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _from_buffer(buffer, entry: TensorEntry, offset: int) -> torch.Tensor:
+    if entry.numel == 0:
+        return torch.empty(entry.shape, dtype=entry.torch_dtype)
+    with warnings.catch_warnings():
+        # torch warns that the buffer is not writable: intended, these are read-only views.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(buffer, dtype=entry.torch_dtype, count=entry.numel, offset=offset)
+    return flat.reshape(entry.shape)
+
+
+def read_tensors(
+    url: str, names: Iterable[str] | None = None, *, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Convenience: index `url` and read `names` (all tensors when None)."""
+    index = CheckpointIndex.load(url)
+    with TensorReader(index) as reader:
+        return reader.read(index.names if names is None else names, dtype=dtype)
