@@ -1,8 +1,11 @@
 """Read a set of tensors by name from any checkpoint URL into torch tensors.
 
 Remote files: the byte ranges of the requested tensors are grouped by file and coalesced into few requests.
-Local files: tensors are zero-copy views of a read-only mmap (the page cache is the buffer), so reading a
-block costs no copy until a computation needs one. Views are read-only: consumers must not write in place.
+Local files: by default tensors are zero-copy views of a read-only mmap (the page cache is the buffer), so
+reading costs no copy until a computation needs one; views are read-only, consumers must not write in place.
+With `use_mmap=False` local files are read like remote ones (coalesced preads into private buffers): the
+merge uses that, because mapped pages stay in the process's RSS for as long as the map lives, while private
+buffers are freed chunk by chunk, which keeps a long merge's memory flat.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from distmerge.safetensors_format import TensorEntry
 class TensorReader:
     """Reads tensors of one checkpoint; keeps local files mapped between calls."""
 
-    def __init__(self, index: CheckpointIndex):
+    def __init__(self, index: CheckpointIndex, *, use_mmap: bool = True):
         self.index = index
+        self.use_mmap = use_mmap
         self._maps: dict[str, mmap.mmap] = {}
 
     def read(
@@ -36,7 +40,7 @@ class TensorReader:
         out: dict[str, torch.Tensor] = {}
         for file, group in by_file.items():
             loc = self.index.location.child(file)
-            if loc.local_path is not None:
+            if self.use_mmap and loc.local_path is not None:
                 raw = {e.name: self._mapped(file, loc.local_path, e) for e in group}
             else:
                 blobs = loc.read_ranges([(e.start, e.end) for e in group], file_size=self.index.files[file].size)

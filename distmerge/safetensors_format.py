@@ -182,17 +182,41 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).reshape(-1).numpy())
 
 
+class ShardStream:
+    """Write a safetensors file tensor by tensor: the header comes first (from the planned specs), so a
+    shard never has to sit in memory whole. The sha256 is computed on the fly."""
+
+    def __init__(self, stream: BinaryIO, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self._stream = stream
+        self._specs = list(specs)
+        self._next = 0
+        header = build_header(self._specs, metadata or {"format": "pt"})
+        self._digest = hashlib.sha256(header)
+        stream.write(header)
+        self.size = len(header)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self._specs[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != expected:
+            raise AssertionError(f"shard stream expected {expected}, got {(name, tensor.dtype, tuple(tensor.shape))}")
+        data = tensor_bytes(tensor)
+        self._digest.update(data)
+        self._stream.write(data)
+        self.size += len(data)
+        self._next += 1
+
+    def finish(self) -> tuple[int, str]:
+        if self._next != len(self._specs):
+            raise AssertionError(f"shard stream closed after {self._next} of {len(self._specs)} tensors")
+        return self.size, self._digest.hexdigest()
+
+
 def write_safetensors(
     stream: BinaryIO, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
 ) -> tuple[int, str]:
     """Stream a safetensors file; returns (bytes written, sha256 hex) computed on the fly."""
-    header = build_header([(n, t.dtype, tuple(t.shape)) for n, t in tensors], metadata or {"format": "pt"})
-    digest = hashlib.sha256(header)
-    stream.write(header)
-    written = len(header)
-    for _, tensor in tensors:
-        data = tensor_bytes(tensor)
-        digest.update(data)
-        stream.write(data)
-        written += len(data)
-    return written, digest.hexdigest()
+    shard = ShardStream(stream, [(n, t.dtype, tuple(t.shape)) for n, t in tensors], metadata)
+    for name, tensor in tensors:
+        shard.write(name, tensor)
+    return shard.finish()

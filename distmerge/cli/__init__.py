@@ -17,6 +17,10 @@ import click
 SUBCOMMANDS = {
     "inspect": "distmerge.cli.inspect_cmd:inspect",
     "demo": "distmerge.cli.demo_cmd:demo",
+    "merge": "distmerge.cli.merge_cmd:merge",
+    "plan": "distmerge.cli.merge_cmd:plan",
+    "methods": "distmerge.cli.merge_cmd:methods",
+    "vector": "distmerge.cli.vector_cmd:vector",
 }
 
 

@@ -1,0 +1,161 @@
+"""Ray executor: named actors own blocks, read their own byte ranges and write their own shards.
+
+Ray stays at this edge: `MergeWorker` is a thin actor around `BlockMerger`. The job (plan + indexes) is put
+in the object store once; each task carries a block id and returns a small manifest (partial statistics or
+a shard record), never tensors. The driver keeps at most `in_flight_per_worker` blocks queued per actor
+(`ray.wait`, no `ray.get` in a loop). When an actor dies (process killed, node lost) its in-flight blocks are
+requeued on a replacement actor; blocks are idempotent (a retried shard is rewritten from scratch under the
+staging prefix), so the output is byte-identical whatever failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+
+from distmerge.errors import MergeError
+from distmerge.faults import fault_env
+from distmerge.merge_core import BlockMerger, MergeJob
+from distmerge.methods.registry import PartialStats
+from distmerge.options import RunOptions
+from distmerge.plan import Block
+from distmerge.staging import save_record
+from distmerge.storage import Location
+from distmerge.writer import ShardRecord
+
+log = logging.getLogger(__name__)
+
+# A local Ray started by distmerge caps its object store: only manifests and the plan travel through it.
+LOCAL_OBJECT_STORE_BYTES = 128 * 1024**2
+
+
+class MergeWorker:
+    """Plain class behind the actor, so the same code runs (and is tested) without Ray."""
+
+    def __init__(self, job: MergeJob, staging: Location, device: str):
+        import torch
+
+        torch.set_num_threads(1)  # one thread per actor: actors, not threads, share the cores
+        self.merger = BlockMerger(job, device)
+        self.staging = staging
+        self.blocks = {b.id: b for b in job.plan.blocks}
+
+    def map_block(self, block_id: int, phase_index: int, stats: dict[str, Any]) -> tuple[int, PartialStats]:
+        return block_id, self.merger.map_block(self.blocks[block_id], phase_index, stats)
+
+    def write_block(self, block_id: int, stats: dict[str, Any]) -> tuple[int, ShardRecord]:
+        record = self.merger.write_block(self.blocks[block_id], self.staging, stats)
+        save_record(self.staging, record)
+        return block_id, record
+
+    def where(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+
+class RayExecutor:
+    def __init__(self, job: MergeJob, staging: Location, options: RunOptions, device: str):
+        self.options = options
+        self._started_ray = _ensure_ray(options)
+        self.job_ref = ray.put(job)
+        self.staging = staging
+        self.device = device
+        self.run_id = f"{job.plan.hash()}-{uuid.uuid4().hex[:6]}"
+        self._spawned = 0
+        self.actors = [self._spawn() for _ in range(options.workers)]
+
+    def _spawn(self):
+        resources = {"num_cpus": self.options.cpus_per_worker}
+        if self.device == "cuda":
+            resources["num_gpus"] = self.options.gpus_per_worker
+        name = f"distmerge-{self.run_id}-worker-{self._spawned}"
+        self._spawned += 1
+        env = fault_env()
+        actor_cls = ray.remote(MergeWorker).options(
+            name=name, namespace="distmerge", scheduling_strategy="SPREAD", max_restarts=0,
+            runtime_env={"env_vars": env} if env else None, **resources,
+        )
+        return actor_cls.remote(self.job_ref, self.staging, self.device)
+
+    # -- the two kinds of pass --------------------------------------------------------------------------
+    def map_phase(self, phase_index: int, stats: dict[str, Any], blocks: Sequence[Block],
+                  advance: Callable[[int], None]) -> dict[int, PartialStats]:
+        stats_ref = ray.put(stats)
+        return self._run(blocks, lambda actor, b: actor.map_block.remote(b.id, phase_index, stats_ref), advance)
+
+    def write_blocks(self, blocks: Sequence[Block], stats: dict[str, Any],
+                     advance: Callable[[int], None]) -> dict[int, ShardRecord]:
+        stats_ref = ray.put(stats)
+        return self._run(blocks, lambda actor, b: actor.write_block.remote(b.id, stats_ref), advance)
+
+    def _run(self, blocks: Sequence[Block], submit, advance: Callable[[int], None]) -> dict[int, Any]:
+        """Dynamic queue over actors with bounded in-flight work; dead actors are replaced, blocks retried."""
+        queue = list(blocks)
+        attempts = {b.id: 0 for b in blocks}
+        in_flight: dict[Any, tuple[int, Block]] = {}  # ref -> (actor slot, block)
+        load = [0] * len(self.actors)
+        results: dict[int, Any] = {}
+        limit = self.options.in_flight_per_worker
+        while queue or in_flight:
+            for slot in sorted(range(len(self.actors)), key=lambda s: load[s]):
+                while queue and load[slot] < limit:
+                    block = queue.pop(0)
+                    in_flight[submit(self.actors[slot], block)] = (slot, block)
+                    load[slot] += 1
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            slot, block = in_flight.pop(ref)
+            load[slot] -= 1
+            try:
+                block_id, value = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                self._recover(slot, block, exc, attempts, queue, in_flight, load)
+                continue
+            results[block_id] = value
+            advance(block.nbytes)
+        return results
+
+    def _recover(self, slot, block, exc, attempts, queue, in_flight, load) -> None:
+        if not isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError,
+                                ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                                ray.exceptions.ObjectLostError)):
+            cause = getattr(exc, "cause", None)
+            raise (cause if isinstance(cause, Exception) else MergeError(f"block {block.id} failed: {exc}")) from exc
+        attempts[block.id] += 1
+        if attempts[block.id] > self.options.max_retries:
+            raise MergeError(f"block {block.id} ({block.file}) failed {attempts[block.id]} times; last error: "
+                             f"{exc}. Fix: check worker logs, then rerun with --resume") from exc
+        log.warning("worker %d lost (%s); retrying block %d on a new worker", slot, type(exc).__name__, block.id)
+        queue.insert(0, block)
+        # The actor is gone: everything it still had queued comes back too.
+        for ref, (other_slot, other_block) in list(in_flight.items()):
+            if other_slot == slot:
+                del in_flight[ref]
+                queue.insert(0, other_block)
+        load[slot] = 0
+        ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._spawn()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self._started_ray:
+            ray.shutdown()
+
+
+def _ensure_ray(options: RunOptions) -> bool:
+    """Connect to the cluster in use, the one named by --address, or start a local one. True if started."""
+    if ray.is_initialized():
+        return False
+    if options.address:
+        ray.init(address=options.address, namespace="distmerge", log_to_driver=True)
+        return True
+    cpus = max(os.cpu_count() or 1, int(options.workers * options.cpus_per_worker + 0.999))
+    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+             namespace="distmerge", log_to_driver=True)
+    return True

@@ -1,0 +1,34 @@
+"""Linear (weighted average of whole models), written in delta space.
+
+theta = sum_i w_i theta_i / sum_i w_i (normalize) or sum_i w_i theta_i. With theta_i = b + tau_i the delta
+from the base b is sum_i w_i tau_i / sum_i w_i, or (sum_i w_i - 1) * b + sum_i w_i tau_i: without
+normalization the base itself is rescaled, which the delta must carry.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from distmerge.methods.consensus import weighted_sum
+from distmerge.methods.registry import MergeInputs, MergeMethod, MethodParams, TensorContext, register
+
+
+class LinearParams(MethodParams):
+    normalize: bool = Field(True, description="Divide by the sum of the weights (a weighted average).")
+
+
+def linear(inputs: MergeInputs, params: LinearParams, ctx: TensorContext) -> torch.Tensor:
+    total_weight = sum(inputs.weights)
+    summed = weighted_sum(inputs.deltas, inputs.weights)
+    if not params.normalize:
+        return summed.add_(inputs.base, alpha=total_weight - 1.0)
+    if total_weight == 0:
+        raise ValueError(
+            f"linear: the weights {inputs.weights} sum to 0, so they cannot be normalized; "
+            "give weights with a nonzero sum or set normalize: false"
+        )
+    return summed / total_weight
+
+
+register(MergeMethod("linear", LinearParams, linear, doc="Weighted average of the models (delta form)."))

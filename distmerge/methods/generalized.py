@@ -1,0 +1,206 @@
+"""Generalized task arithmetic: one core, configured by a sparsifier and a consensus.
+
+    delta = lambda * consensus_i( sparsify(tau_i) )
+
+| method            | sparsifier                          | consensus |
+|-------------------|-------------------------------------|-----------|
+| task_arithmetic   | none                                | sum       |
+| ties              | magnitude top-k (tensor or global)  | ties      |
+| dare_linear       | DARE random drop                    | sum       |
+| dare_ties         | DARE random drop                    | ties      |
+| breadcrumbs       | breadcrumbs band                    | sum       |
+| breadcrumbs_ties  | breadcrumbs band                    | ties      |
+| della             | DELLA rank-based drop               | ties      |
+| della_linear      | DELLA rank-based drop               | sum       |
+
+Random sparsifiers draw their numbers from `rng.uniform_like(tau, ctx.seed, ctx.name, i)`, so a mask is a
+pure function of (seed, tensor name, model index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from distmerge.methods import sparsify, ties_global
+from distmerge.methods.consensus import Consensus, combine
+from distmerge.methods.params import DensityParams, ScaledParams, invalid
+from distmerge.methods.registry import MergeInputs, MergeMethod, StatsPhase, TensorContext, register
+from distmerge.methods.rng import uniform_like
+
+Sparsifier = Callable[[torch.Tensor, Any, TensorContext, int], torch.Tensor]
+
+
+def generalized_task_arithmetic(
+    inputs: MergeInputs, params: Any, ctx: TensorContext, sparsifier: Sparsifier | None, consensus: Consensus
+) -> torch.Tensor:
+    """lambda * consensus of the sparsified task vectors (a new fp32 tensor, inputs untouched)."""
+    taus = inputs.deltas
+    if sparsifier is not None:
+        taus = [sparsifier(tau, params, ctx, index) for index, tau in enumerate(taus)]
+    return combine(consensus, taus, inputs.weights) * params.scale
+
+
+# --- params ---------------------------------------------------------------------------------------------
+
+
+class TaskArithmeticParams(ScaledParams):
+    method_name: ClassVar[str] = "task_arithmetic"
+
+
+class TiesParams(DensityParams):
+    method_name: ClassVar[str] = "ties"
+
+    density: float = Field(0.2, description="Fraction of each task vector kept by magnitude, in (0, 1].")
+    trim_scope: Literal["tensor", "global"] = Field(
+        "tensor",
+        description="`tensor`: top-k per tensor (common tools); `global`: top-k over the whole checkpoint "
+        "per model (the paper; needs two statistics passes).",
+    )
+
+
+class DareParams(DensityParams):
+    density: float = Field(0.5, description="Keep probability p of each entry, in (0, 1].")
+    rescale: sparsify.DareRescale = Field(
+        "inverse_p",
+        description="`inverse_p`: kept entries / p (the paper); `l1`: match the L1 norm of the original tau_i.",
+    )
+
+
+class DareLinearParams(DareParams):
+    method_name: ClassVar[str] = "dare_linear"
+
+
+class DareTiesParams(DareParams):
+    method_name: ClassVar[str] = "dare_ties"
+
+
+class BreadcrumbsParams(DensityParams):
+    method_name: ClassVar[str] = "breadcrumbs"
+
+    density: float = Field(0.9, description="Fraction of entries kept per tensor, in (0, 1].")
+    gamma: float = Field(
+        0.01, description="Fraction of largest-magnitude entries (outliers) dropped, in [0, 1)."
+    )
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> BreadcrumbsParams:
+        if not 0.0 <= self.gamma < 1.0:
+            raise invalid(
+                self.method_name, f"gamma must be in [0, 1), got {self.gamma}", "use e.g. gamma: 0.01"
+            )
+        if self.density + self.gamma > 1.0 + 1e-9:
+            raise invalid(
+                self.method_name,
+                f"density + gamma must be <= 1, got {self.density} + {self.gamma}",
+                "lower density or gamma, e.g. density: 0.9, gamma: 0.01",
+            )
+        return self
+
+
+class BreadcrumbsTiesParams(BreadcrumbsParams):
+    method_name: ClassVar[str] = "breadcrumbs_ties"
+
+
+class DellaParams(DensityParams):
+    method_name: ClassVar[str] = "della"
+
+    density: float = Field(0.5, description="Mean keep probability d, in (0, 1].")
+    epsilon: float = Field(
+        0.15, description="Spread eps of keep probabilities: from d - eps to d + eps by rank."
+    )
+
+    @model_validator(mode="after")
+    def _probabilities_valid(self) -> DellaParams:
+        if not (
+            self.epsilon >= 0.0 and self.density - self.epsilon > 0.0 and self.density + self.epsilon <= 1.0
+        ):
+            raise invalid(
+                self.method_name,
+                f"need epsilon >= 0, density - epsilon > 0 and density + epsilon <= 1, "
+                f"got density {self.density}, epsilon {self.epsilon}",
+                "use e.g. density: 0.5, epsilon: 0.15",
+            )
+        return self
+
+
+class DellaLinearParams(DellaParams):
+    method_name: ClassVar[str] = "della_linear"
+
+
+# --- sparsifiers ----------------------------------------------------------------------------------------
+
+
+def _ties_trim(tau: torch.Tensor, params: TiesParams, ctx: TensorContext, index: int) -> torch.Tensor:
+    if params.trim_scope == "global":
+        return sparsify.keep_above(tau, ties_global.thresholds(ctx.stats)[index])
+    return sparsify.magnitude_topk(tau, params.density)
+
+
+def _dare(tau: torch.Tensor, params: DareParams, ctx: TensorContext, index: int) -> torch.Tensor:
+    return sparsify.dare_drop(
+        tau, params.density, params.rescale, uniform_like(tau, ctx.seed, ctx.name, index)
+    )
+
+
+def _breadcrumbs(
+    tau: torch.Tensor, params: BreadcrumbsParams, ctx: TensorContext, index: int
+) -> torch.Tensor:
+    return sparsify.breadcrumbs_band(tau, params.density, params.gamma)
+
+
+def _della(tau: torch.Tensor, params: DellaParams, ctx: TensorContext, index: int) -> torch.Tensor:
+    uniform = uniform_like(tau, ctx.seed, ctx.name, index)
+    return sparsify.della_drop(tau, params.density, params.epsilon, uniform)
+
+
+# --- registration ---------------------------------------------------------------------------------------
+
+
+def _register_variant(
+    params_model: type[ScaledParams],
+    sparsifier: Sparsifier | None,
+    consensus: Consensus,
+    doc: str,
+    stats_phases: tuple[StatsPhase, ...] = (),
+) -> None:
+    def merge(inputs: MergeInputs, params: Any, ctx: TensorContext) -> torch.Tensor:
+        return generalized_task_arithmetic(inputs, params, ctx, sparsifier, consensus)
+
+    name = params_model.method_name
+    register(MergeMethod(name, params_model, merge, stats_phases=stats_phases, doc=doc))
+
+
+_register_variant(TaskArithmeticParams, None, "sum", "lambda * sum_i w_i tau_i.")
+_register_variant(
+    TiesParams,
+    _ties_trim,
+    "ties",
+    "TIES (arXiv 2306.01708): top-k trim by |tau|, sign election, disjoint weighted mean, times lambda.",
+    stats_phases=ties_global.GLOBAL_TRIM_PHASES,
+)
+_register_variant(
+    DareLinearParams, _dare, "sum", "DARE (arXiv 2311.03099) random drop and rescale, weighted sum."
+)
+_register_variant(
+    DareTiesParams, _dare, "ties", "DARE random drop and rescale, TIES sign election + disjoint mean."
+)
+_register_variant(
+    BreadcrumbsParams,
+    _breadcrumbs,
+    "sum",
+    "Model breadcrumbs (arXiv 2312.06795): drop outliers and small entries, sum.",
+)
+_register_variant(
+    BreadcrumbsTiesParams, _breadcrumbs, "ties", "Breadcrumbs band, TIES sign election + disjoint mean."
+)
+_register_variant(
+    DellaParams,
+    _della,
+    "ties",
+    "DELLA (arXiv 2406.11617): rank-based random drop per row, sign election + mean.",
+)
+_register_variant(DellaLinearParams, _della, "sum", "DELLA rank-based random drop per row, weighted sum.")

@@ -1,0 +1,115 @@
+"""Registry of merge methods: pure per-tensor functions looked up by name.
+
+A method sees one tensor at a time, already upcast to fp32: the base tensor and the task vectors
+tau_i = theta_i - theta_0 of every input. It returns the merged *delta* (same shape as base, fp32).
+The executor adds that delta, scaled by the layer schedule (LiNeS), to the target tensor. Working in
+delta space lets the same method serve plain merges (target = base), reasoning-vector transfer and
+skill-vector injection (target = another model).
+
+Methods that need whole-checkpoint quantities (RAM+, global TIES trimming) declare statistics phases:
+each phase maps over every tensor to additive partials (counts, histograms, norms), the driver sums
+them, `finalize` turns the sums into the values the next phase or the merge reads from `ctx.stats`.
+No method does I/O, touches Ray, or keeps state between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class MethodParams(BaseModel):
+    """Base class of every method's typed parameters (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """One tensor's inputs, fp32: base theta_0, task vectors tau_i, per-model weights w_i."""
+
+    base: torch.Tensor
+    deltas: list[torch.Tensor]
+    weights: list[float]
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a method may know beyond the tensors: the name (for seeding), the recipe seed, reduced stats."""
+
+    name: str
+    seed: int = 0
+    stats: Mapping[str, Any] = field(default_factory=dict)
+
+
+PartialStats = dict[str, torch.Tensor]
+MapFn = Callable[[MergeInputs, Any, TensorContext], PartialStats]
+FinalizeFn = Callable[[PartialStats, Any], dict[str, Any]]
+MergeFn = Callable[[MergeInputs, Any, TensorContext], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StatsPhase:
+    """One map -> sum -> finalize pass over the whole checkpoint.
+
+    `map` returns additive partials for one tensor (same keys and shapes for every tensor); the driver
+    sums them elementwise across tensors and blocks; `finalize(summed, params)` returns the values that
+    later phases and the merge read from `ctx.stats` (merged into one dict, phase after phase).
+    `active(params)` says whether the phase is needed for these params (e.g. only TIES with global trimming);
+    None means always. Drivers run `MergeMethod.phases_for(params)`, not `stats_phases` directly.
+    """
+
+    name: str
+    map: MapFn
+    finalize: FinalizeFn
+    active: Callable[[Any], bool] | None = None
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    params_model: type[MethodParams]
+    merge: MergeFn
+    stats_phases: tuple[StatsPhase, ...] = ()
+    min_models: int = 1
+    doc: str = ""
+
+    def parse_params(self, raw: Mapping[str, Any] | None) -> MethodParams:
+        return self.params_model.model_validate(dict(raw or {}))
+
+    def phases_for(self, params: Any) -> tuple[StatsPhase, ...]:
+        """The statistics phases these params need, in order (empty: the merge is purely per tensor)."""
+        return tuple(phase for phase in self.stats_phases if phase.active is None or phase.active(params))
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown merge method {name!r}; choose one of: {known}") from None
+
+
+def method_names() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin_methods() -> None:
+    # Importing the package registers every built-in method exactly once.
+    import distmerge.methods  # noqa: F401
