@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from distmerge.merge_core import BlockMerger, MergeJob
 from distmerge.methods.registry import PartialStats
 from distmerge.plan import Block
@@ -15,6 +17,11 @@ from distmerge.writer import ShardRecord
 
 class LocalExecutor:
     def __init__(self, job: MergeJob, staging: Location, device: str = "cpu"):
+        # Reductions (norms, cosines, sums) split work by thread, so their float results depend on the thread
+        # count. Every executor computes with one intra-op thread so outputs are bit-identical for any number
+        # of workers; parallelism comes from workers.
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         self.merger = BlockMerger(job, device)
         self.staging = staging
 
@@ -38,3 +45,4 @@ class LocalExecutor:
 
     def close(self) -> None:
         self.merger.close()
+        torch.set_num_threads(self._threads)

@@ -35,36 +35,51 @@ LOCAL_OBJECT_STORE_BYTES = 128 * 1024**2
 
 
 class MergeWorker:
-    """Plain class behind the actor, so the same code runs (and is tested) without Ray."""
+    """Plain class behind the actor, so the same code runs (and is tested) without Ray.
 
-    def __init__(self, job: MergeJob, staging: Location, device: str):
+    A worker serves any number of jobs in turn (a pool outlives one merge in long-running drivers such as
+    scheduled merges); it builds a job's BlockMerger on first use and drops it on `release`.
+    """
+
+    def __init__(self):
         import torch
 
-        torch.set_num_threads(1)  # one thread per actor: actors, not threads, share the cores
-        self.merger = BlockMerger(job, device)
-        self.staging = staging
-        self.blocks = {b.id: b for b in job.plan.blocks}
+        torch.set_num_threads(1)  # as LocalExecutor: thread count changes float reductions; workers share cores
+        self.jobs: dict[str, tuple[BlockMerger, Location, dict[int, Block]]] = {}
 
-    def map_block(self, block_id: int, phase_index: int, stats: dict[str, Any]) -> tuple[int, PartialStats]:
-        return block_id, self.merger.map_block(self.blocks[block_id], phase_index, stats)
+    def _job(self, job_id: str, job_box: list, staging: Location, device: str):
+        if job_id not in self.jobs:
+            job: MergeJob = ray.get(job_box[0])  # boxed: Ray resolves it here once, not on every call
+            self.jobs[job_id] = (BlockMerger(job, device), staging, {b.id: b for b in job.plan.blocks})
+        return self.jobs[job_id]
 
-    def write_block(self, block_id: int, stats: dict[str, Any]) -> tuple[int, ShardRecord]:
-        record = self.merger.write_block(self.blocks[block_id], self.staging, stats)
-        save_record(self.staging, record)
+    def map_block(self, job_id, job_box, staging, device, block_id, phase_index, stats):
+        merger, _, blocks = self._job(job_id, job_box, staging, device)
+        return block_id, merger.map_block(blocks[block_id], phase_index, stats)
+
+    def write_block(self, job_id, job_box, staging, device, block_id, stats):
+        merger, staging, blocks = self._job(job_id, job_box, staging, device)
+        record = merger.write_block(blocks[block_id], staging, stats)
+        save_record(staging, record)
         return block_id, record
+
+    def release(self, job_id: str) -> None:
+        entry = self.jobs.pop(job_id, None)
+        if entry is not None:
+            entry[0].close()
 
     def where(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
 
-class RayExecutor:
-    def __init__(self, job: MergeJob, staging: Location, options: RunOptions, device: str):
+class WorkerPool:
+    """Named merge actors on the cluster. One per merge by default; long-running drivers keep one open."""
+
+    def __init__(self, options: RunOptions, device: str):
         self.options = options
-        self._started_ray = _ensure_ray(options)
-        self.job_ref = ray.put(job)
-        self.staging = staging
         self.device = device
-        self.run_id = f"{job.plan.hash()}-{uuid.uuid4().hex[:6]}"
+        self._started_ray = _ensure_ray(options)
+        self.pool_id = uuid.uuid4().hex[:8]
         self._spawned = 0
         self.actors = [self._spawn() for _ in range(options.workers)]
 
@@ -72,39 +87,65 @@ class RayExecutor:
         resources = {"num_cpus": self.options.cpus_per_worker}
         if self.device == "cuda":
             resources["num_gpus"] = self.options.gpus_per_worker
-        name = f"distmerge-{self.run_id}-worker-{self._spawned}"
+        name = f"distmerge-{self.pool_id}-worker-{self._spawned}"
         self._spawned += 1
         env = fault_env()
         actor_cls = ray.remote(MergeWorker).options(
             name=name, namespace="distmerge", scheduling_strategy="SPREAD", max_restarts=0,
             runtime_env={"env_vars": env} if env else None, **resources,
         )
-        return actor_cls.remote(self.job_ref, self.staging, self.device)
+        return actor_cls.remote()
+
+    def replace(self, slot: int) -> None:
+        ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._spawn()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self._started_ray:
+            ray.shutdown()
+
+
+class RayExecutor:
+    def __init__(self, job: MergeJob, staging: Location, options: RunOptions, device: str,
+                 pool: WorkerPool | None = None):
+        self.options = options
+        self.pool = pool or WorkerPool(options, device)
+        self._own_pool = pool is None
+        self.device = device
+        self.staging = staging
+        self.job_id = f"{job.plan.hash()}-{uuid.uuid4().hex[:6]}"
+        self.job_box = [ray.put(job)]
+        self.slots = list(range(min(options.workers, len(self.pool.actors))))
 
     # -- the two kinds of pass --------------------------------------------------------------------------
     def map_phase(self, phase_index: int, stats: dict[str, Any], blocks: Sequence[Block],
                   advance: Callable[[int], None]) -> dict[int, PartialStats]:
         stats_ref = ray.put(stats)
-        return self._run(blocks, lambda actor, b: actor.map_block.remote(b.id, phase_index, stats_ref), advance)
+        return self._run(blocks, lambda actor, b: actor.map_block.remote(
+            self.job_id, self.job_box, self.staging, self.device, b.id, phase_index, stats_ref), advance)
 
     def write_blocks(self, blocks: Sequence[Block], stats: dict[str, Any],
                      advance: Callable[[int], None]) -> dict[int, ShardRecord]:
         stats_ref = ray.put(stats)
-        return self._run(blocks, lambda actor, b: actor.write_block.remote(b.id, stats_ref), advance)
+        return self._run(blocks, lambda actor, b: actor.write_block.remote(
+            self.job_id, self.job_box, self.staging, self.device, b.id, stats_ref), advance)
 
     def _run(self, blocks: Sequence[Block], submit, advance: Callable[[int], None]) -> dict[int, Any]:
         """Dynamic queue over actors with bounded in-flight work; dead actors are replaced, blocks retried."""
         queue = list(blocks)
         attempts = {b.id: 0 for b in blocks}
         in_flight: dict[Any, tuple[int, Block]] = {}  # ref -> (actor slot, block)
-        load = [0] * len(self.actors)
+        load = dict.fromkeys(self.slots, 0)
         results: dict[int, Any] = {}
         limit = self.options.in_flight_per_worker
         while queue or in_flight:
-            for slot in sorted(range(len(self.actors)), key=lambda s: load[s]):
+            for slot in sorted(self.slots, key=lambda s: load[s]):
                 while queue and load[slot] < limit:
                     block = queue.pop(0)
-                    in_flight[submit(self.actors[slot], block)] = (slot, block)
+                    in_flight[submit(self.pool.actors[slot], block)] = (slot, block)
                     load[slot] += 1
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             ref = ready[0]
@@ -137,23 +178,26 @@ class RayExecutor:
                 del in_flight[ref]
                 queue.insert(0, other_block)
         load[slot] = 0
-        ray.kill(self.actors[slot], no_restart=True)
-        self.actors[slot] = self._spawn()
+        self.pool.replace(slot)
 
     def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
-        if self._started_ray:
-            ray.shutdown()
+        if self._own_pool:
+            self.pool.close()
+            return
+        for slot in self.slots:
+            try:
+                self.pool.actors[slot].release.remote(self.job_id)
+            except ray.exceptions.RayError:
+                pass
 
 
 def _ensure_ray(options: RunOptions) -> bool:
     """Connect to the cluster in use, the one named by --address, or start a local one. True if started."""
     if ray.is_initialized():
         return False
-    if options.address:
-        ray.init(address=options.address, namespace="distmerge", log_to_driver=True)
+    address = options.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
+    if address:
+        ray.init(address=address, namespace="distmerge", log_to_driver=True)
         return True
     cpus = max(os.cpu_count() or 1, int(options.workers * options.cpus_per_worker + 0.999))
     ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,

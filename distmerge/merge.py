@@ -60,8 +60,10 @@ def plan_recipe(recipe: Recipe, options: RunOptions) -> tuple[Plan, MergeJob]:
     return plan, job
 
 
-def run_merge(recipe: Recipe, options: RunOptions | None = None, *, write_delta: bool = False) -> MergeResult:
-    """Merge and publish. `write_delta` publishes the merged vector itself (vector extract)."""
+def run_merge(recipe: Recipe, options: RunOptions | None = None, *, write_delta: bool = False,
+              pool=None) -> MergeResult:
+    """Merge and publish. `write_delta` publishes the merged vector itself (vector extract); `pool` (a
+    `distmerge.execute_ray.WorkerPool`) reuses Ray actors across merges in long-running drivers."""
     options = options or RunOptions()
     start = time.perf_counter()
     plan, job = plan_recipe(recipe, options)
@@ -72,7 +74,7 @@ def run_merge(recipe: Recipe, options: RunOptions | None = None, *, write_delta:
     state = StagingState(writer.staging, plan)
     state.prepare(options.resume)
     device = resolve_device(options.device)
-    executor = _make_executor(job, writer.staging, options, device)
+    executor = _make_executor(job, writer.staging, options, device, pool)
     try:
         stats, reused, records = _execute(job, state, executor, options)
     finally:
@@ -112,14 +114,14 @@ def _execute(job: MergeJob, state: StagingState, executor, options: RunOptions):
     return stats, len(done), records
 
 
-def _make_executor(job: MergeJob, staging: Location, options: RunOptions, device: str):
+def _make_executor(job: MergeJob, staging: Location, options: RunOptions, device: str, pool=None):
     if options.workers == 0:
         from distmerge.execute_local import LocalExecutor
 
         return LocalExecutor(job, staging, device)
     from distmerge.execute_ray import RayExecutor
 
-    return RayExecutor(job, staging, options, device)
+    return RayExecutor(job, staging, options, device, pool)
 
 
 def _config_updates(recipe: Recipe) -> dict[str, Any]:

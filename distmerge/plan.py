@@ -92,7 +92,7 @@ def build_plan(
 ) -> Plan:
     """Validate the inputs against each other and cut the output into blocks (= shards)."""
     roles = {"base": base, **{f"model:{n}": idx for n, idx in models.items()}, "target": target}
-    _check_same_tensors(roles)
+    check_compatible(roles)
     tied = target.tied_embeddings
     embed = architecture.embedding_name(target.names)
     tensors: dict[str, TensorPlan] = {}
@@ -112,7 +112,8 @@ def build_plan(
     return Plan(inputs, list(models), target.num_layers, tensors, blocks, dict(recipe or {}))
 
 
-def _check_same_tensors(roles: Mapping[str, CheckpointIndex]) -> None:
+def check_compatible(roles: Mapping[str, CheckpointIndex], *, same_dtypes: bool = True) -> None:
+    """Same tensor names and shapes (and dtypes) in every checkpoint; the error names the tensor and both."""
     (ref_role, ref), *others = roles.items()
     for role, idx in others:
         missing = [n for n in ref.names if n not in idx.tensors]
@@ -130,7 +131,7 @@ def _check_same_tensors(roles: Mapping[str, CheckpointIndex]) -> None:
             if other.shape != entry.shape:
                 raise MergeError(f"tensor {name} has shape {list(entry.shape)} in {_label(ref_role)} but "
                                  f"{list(other.shape)} in {_label(role)}; merged models must share shapes")
-            if other.dtype != entry.dtype:
+            if same_dtypes and other.dtype != entry.dtype:
                 raise MergeError(f"tensor {name} has dtype {entry.dtype} in {_label(ref_role)} but {other.dtype} "
                                  f"in {_label(role)}; convert the checkpoints to one dtype before merging")
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distmerge.errors import RecipeError
 from distmerge.methods.registry import get_method, method_names
 from distmerge.schedule import LinesSchedule
+from distmerge.storage import Location
 
 OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -62,22 +63,25 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         method = get_method(self.method)
+        if not self.models:
+            raise ValueError("models is empty; list at least one {name, path}")
         if len(self.models) < method.min_models:
             raise ValueError(f"method {self.method} needs at least {method.min_models} models, got "
                              f"{len(self.models)}; add models or choose another method")
-        if not self.models:
-            raise ValueError("models is empty; list at least one {name, path}")
         names = [m.name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique, {duplicates} repeat; rename them")
-        inputs = {self.base, *(m.path for m in self.models), self.target or self.base}
-        if self.output.rstrip("/") in {u.rstrip("/") for u in inputs}:
-            raise ValueError(f"output {self.output!r} is also an input; choose a new output URL")
+        output = Location(self.output, self.storage_options)
+        for url in {self.base, *(m.path for m in self.models), self.target or self.base}:
+            if output.same_place(url):
+                raise ValueError(f"output {self.output!r} is also an input ({url!r}); choose a new output URL")
         try:
-            method.parse_params(self.params)
+            params = method.parse_params(self.params)
         except ValidationError as exc:
             raise ValueError(f"params for {self.method}: {_format_errors(exc, prefix='params')}") from None
+        if method.check_weights is not None:
+            method.check_weights(params, [m.weight for m in self.models])
         return self
 
     @property
@@ -140,4 +144,5 @@ _FIXES = {
     "literal_error": "use one of the allowed values",
     "float_parsing": "use a number",
     "int_parsing": "use an integer",
+    "finite_number": "use a finite number (not inf or nan)",
 }

@@ -33,9 +33,9 @@ class LinesSchedule(BaseModel):
     @model_validator(mode="after")
     def _ranges(self) -> LinesSchedule:
         if self.alpha != "auto" and not -10.0 <= float(self.alpha) <= 10.0:
-            raise ValueError(f"alpha {self.alpha} is out of range; use a value in [0, 1] or `auto`")
+            raise ValueError(f"alpha {self.alpha} is out of range [-10, 10]; use a value in [0, 1] or `auto`")
         if not -10.0 <= self.beta <= 10.0:
-            raise ValueError(f"beta {self.beta} is out of range; use a value in [0, 1]")
+            raise ValueError(f"beta {self.beta} is out of range [-10, 10]; use a value in [0, 1]")
         return self
 
     @property

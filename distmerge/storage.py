@@ -61,6 +61,17 @@ class Location:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["url"], state["options"])
 
+    @property
+    def identity(self) -> tuple[str, str]:
+        """(protocol, normalised path): equal for every spelling of one place (file://, relative, `./`, links)."""
+        local = self.local_path
+        if local is not None:
+            return ("file", os.path.realpath(local))
+        return (self.protocol, self.path.rstrip("/"))
+
+    def same_place(self, other: Location | str) -> bool:
+        return self.identity == location(other, self.options).identity
+
     def child(self, *parts: str) -> Location:
         return Location("/".join([self.url, *[p.strip("/") for p in parts]]), self.options)
 

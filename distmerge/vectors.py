@@ -19,7 +19,7 @@ import torch
 
 from distmerge.architecture import tensor_kind
 from distmerge.checkpoint import CheckpointIndex
-from distmerge.errors import MergeError
+from distmerge.plan import check_compatible
 from distmerge.reader import TensorReader
 
 ACTIVE_EPS = 1e-5
@@ -75,11 +75,8 @@ def vector_stats(urls: list[str], *, base: str | None = None, eps: float = ACTIV
     if len(set(names)) != len(names):
         names = [f"{i}:{n}" for i, n in enumerate(names)]
     reference = indexes[0]
-    for idx in [*indexes[1:], *([base_index] if base_index else [])]:
-        if set(idx.names) != set(reference.names):
-            missing = sorted(set(reference.names) ^ set(idx.names))[0]
-            raise MergeError(f"tensor {missing} is in {reference.url} or {idx.url} but not both; vectors must "
-                             "share tensor names")
+    roles = {f"model:{idx.url}": idx for idx in indexes}
+    check_compatible({**roles, **({"base": base_index} if base_index else {})}, same_dtypes=False)
     readers = [TensorReader(i) for i in indexes]
     base_reader = TensorReader(base_index) if base_index else None
     result = VectorStats(names, {n: defaultdict(KindStats) for n in names}, {})

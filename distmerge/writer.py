@@ -118,7 +118,7 @@ class CheckpointWriter:
         self.output = location(self.output)
         self.staging = staging_location(self.output)
         for url in self.protected:
-            if self.output.url.rstrip("/") == str(url).rstrip("/"):
+            if self.output.same_place(url):
                 raise CheckpointError("output is one of the inputs; refusing to overwrite it", file=self.output.url,
                                       fix="choose another output URL")
         if not self.overwrite and self.output.child(INDEX_NAME).exists():

@@ -31,6 +31,7 @@ def build_tiny_model(path, arch: str = "qwen2", seed: int = 0, dtype: torch.dtyp
     import transformers
 
     torch.manual_seed(seed)
+    shard = overrides.pop("shard", "200KB")
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
     common.update(overrides)
@@ -43,7 +44,7 @@ def build_tiny_model(path, arch: str = "qwen2", seed: int = 0, dtype: torch.dtyp
     else:
         raise ValueError(arch)
     model = model.to(dtype)
-    model.save_pretrained(str(path), safe_serialization=True, max_shard_size=overrides.get("shard", "200KB"))
+    model.save_pretrained(str(path), safe_serialization=True, max_shard_size=shard)
     return str(path)
 
 
@@ -106,3 +107,39 @@ def remote_root(request, tmp_path) -> tuple[str, dict]:
 def upload(local_dir: str, url: str, options: dict | None = None) -> str:
     copy_tree(Location(local_dir), Location(url, options))
     return url
+
+
+def make_finetune(base_dir: str, out_dir: str, seed: int, scale: float = 0.02, density: float = 1.0) -> str:
+    """A checkpoint shaped like `base_dir`: base + a deterministic perturbation on a `density` fraction of entries."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base_dir, out_dir, dirs_exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    index = json.loads((Path(base_dir) / "model.safetensors.index.json").read_text())
+    for file in sorted(set(index["weight_map"].values())):
+        tensors = load_file(f"{base_dir}/{file}")
+        out = {}
+        for name in sorted(tensors):
+            t = tensors[name]
+            noise = torch.randn(t.shape, generator=gen) * scale
+            keep = torch.rand(t.shape, generator=gen) < density
+            out[name] = (t.float() + noise * keep).to(t.dtype)
+        save_file(out, f"{out_dir}/{file}", metadata={"format": "pt"})
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict[str, str]:
+    """base + two dense (SFT-like) and one sparse (RL-like) fine-tune of a 4-layer tiny Qwen2."""
+    root = tmp_path_factory.mktemp("family")
+    base = build_tiny_model(root / "base", "qwen2", num_hidden_layers=4, shard="120KB")
+    return {
+        "base": base,
+        "sft-a": make_finetune(base, str(root / "sft-a"), 1),
+        "sft-b": make_finetune(base, str(root / "sft-b"), 2),
+        "rl-c": make_finetune(base, str(root / "rl-c"), 3, scale=0.01, density=0.05),
+    }

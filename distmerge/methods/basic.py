@@ -18,17 +18,22 @@ class LinearParams(MethodParams):
     normalize: bool = Field(True, description="Divide by the sum of the weights (a weighted average).")
 
 
+def check_linear_weights(params: LinearParams, weights: list[float]) -> None:
+    if params.normalize and sum(weights) == 0:
+        raise ValueError(
+            f"linear: the weights {weights} sum to 0, so they cannot be normalized; "
+            "give weights with a nonzero sum or set normalize: false"
+        )
+
+
 def linear(inputs: MergeInputs, params: LinearParams, ctx: TensorContext) -> torch.Tensor:
+    check_linear_weights(params, inputs.weights)
     total_weight = sum(inputs.weights)
     summed = weighted_sum(inputs.deltas, inputs.weights)
     if not params.normalize:
         return summed.add_(inputs.base, alpha=total_weight - 1.0)
-    if total_weight == 0:
-        raise ValueError(
-            f"linear: the weights {inputs.weights} sum to 0, so they cannot be normalized; "
-            "give weights with a nonzero sum or set normalize: false"
-        )
     return summed / total_weight
 
 
-register(MergeMethod("linear", LinearParams, linear, doc="Weighted average of the models (delta form)."))
+register(MergeMethod("linear", LinearParams, linear, doc="Weighted average of the models (delta form).",
+                     check_weights=check_linear_weights))

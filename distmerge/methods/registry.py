@@ -77,6 +77,9 @@ class MergeMethod:
     stats_phases: tuple[StatsPhase, ...] = ()
     min_models: int = 1
     doc: str = ""
+    # Optional recipe-time check of the per-model weights (raise ValueError naming the fix), so a bad recipe
+    # fails before any work instead of in the middle of a merge.
+    check_weights: Callable[[Any, list[float]], None] | None = None
 
     def parse_params(self, raw: Mapping[str, Any] | None) -> MethodParams:
         return self.params_model.model_validate(dict(raw or {}))
