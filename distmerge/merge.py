@@ -109,8 +109,15 @@ def _execute(job: MergeJob, state: StagingState, executor, options: RunOptions):
                 partials = executor.map_phase(i, stats, plan.blocks, bar.update)
                 stats.update(reduce_phase(job, i, partials))
             state.save_stats(stats)
-        bar.set_description(f"merge ({len(todo)} blocks)")
-        records = {**done, **executor.write_blocks(todo, stats, bar.update)}
+        bar.set_description("merge")
+        written = [len(done)]
+
+        def advance(nbytes: int) -> None:
+            written[0] += 1
+            bar.set_postfix_str(f"{written[0]}/{len(plan.blocks)} blocks", refresh=False)
+            bar.update(nbytes)
+
+        records = {**done, **executor.write_blocks(todo, stats, advance)}
     return stats, len(done), records
 
 

@@ -75,3 +75,17 @@ def test_killed_worker_is_replaced_and_output_identical(local_ray, tiny_family, 
     assert got == references["dare_ties"]
 
 
+
+
+def test_s3_inputs_and_output_on_ray_same_bytes(pool, tiny_family, references, s3_bucket):
+    from distmerge.storage import Location
+    from tests.conftest import upload
+
+    url, options = s3_bucket
+    remote = {name: upload(path, f"{url}/in/{name}", options) for name, path in tiny_family.items()}
+    recipe = recipe_for(remote, "ties", f"{url}/out/ties").model_copy(update={"storage_options": options})
+    run_merge(recipe, RunOptions(workers=2, block_size=BLOCK, progress=False, cpus_per_worker=0.25), pool=pool)
+    out = Location(f"{url}/out/ties", options)
+    got = {n: out.child(n).read_bytes() for n in sorted(out.list()) if n.endswith(".safetensors")}
+    assert got == references["ties"]
+    assert not Location(f"{url}/out/.ties.distmerge-staging", options).exists()
