@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # A local Ray started by distmerge caps its object store: only manifests and the plan travel through it.
 LOCAL_OBJECT_STORE_BYTES = 128 * 1024**2
+
+
+class BlockTimeout(Exception):
+    """A block ran past RunOptions.block_timeout: its worker is presumed hung."""
 
 
 class MergeWorker:
@@ -138,6 +143,7 @@ class RayExecutor:
         queue = list(blocks)
         attempts = {b.id: 0 for b in blocks}
         in_flight: dict[Any, tuple[int, Block]] = {}  # ref -> (actor slot, block)
+        started: dict[Any, float] = {}
         load = dict.fromkeys(self.slots, 0)
         results: dict[int, Any] = {}
         limit = self.options.in_flight_per_worker
@@ -145,9 +151,13 @@ class RayExecutor:
             for slot in sorted(self.slots, key=lambda s: load[s]):
                 while queue and load[slot] < limit:
                     block = queue.pop(0)
-                    in_flight[submit(self.pool.actors[slot], block)] = (slot, block)
+                    ref = submit(self.pool.actors[slot], block)
+                    in_flight[ref], started[ref] = (slot, block), time.monotonic()
                     load[slot] += 1
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self._wait_timeout())
+            if not ready:
+                self._replace_hung(in_flight, started, attempts, queue, load)
+                continue
             ref = ready[0]
             slot, block = in_flight.pop(ref)
             load[slot] -= 1
@@ -160,8 +170,21 @@ class RayExecutor:
             advance(block.nbytes)
         return results
 
+    def _wait_timeout(self) -> float | None:
+        # Poll often enough to notice a block that has run past block_timeout.
+        return None if self.options.block_timeout is None else min(5.0, self.options.block_timeout / 4)
+
+    def _replace_hung(self, in_flight, started, attempts, queue, load) -> None:
+        now = time.monotonic()
+        for ref, (slot, block) in list(in_flight.items()):
+            if ref in in_flight and now - started[ref] > self.options.block_timeout:
+                in_flight.pop(ref)
+                load[slot] -= 1
+                exc = BlockTimeout(f"block {block.id} ran past block_timeout={self.options.block_timeout}s")
+                self._recover(slot, block, exc, attempts, queue, in_flight, load)
+
     def _recover(self, slot, block, exc, attempts, queue, in_flight, load) -> None:
-        if not isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError,
+        if not isinstance(exc, (BlockTimeout, ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError,
                                 ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                                 ray.exceptions.ObjectLostError)):
             cause = getattr(exc, "cause", None)

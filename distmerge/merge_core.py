@@ -10,6 +10,7 @@ block's shard. Memory is bounded by one read chunk of inputs plus one tensor's w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from distmerge.methods.registry import (
     TensorContext,
     get_method,
 )
-from distmerge.methods.stats import sum_partials, with_stats
+from distmerge.methods.stats import sum_partials
 from distmerge.plan import Block, Plan, torch_dtype
 from distmerge.reader import TensorReader
 from distmerge.safetensors_format import ShardStream
@@ -37,6 +38,21 @@ from distmerge.writer import ShardRecord
 # Inputs are read in chunks of about this many bytes per checkpoint: one coalesced request per file on object
 # stores, while keeping memory far below a whole block.
 READ_CHUNK_BYTES = 64 * 1024**2
+# Tensors above this many elements are merged in row chunks when the method allows it (MergeMethod.chunking),
+# so an embedding of 150k x 4k costs 32 MiB of fp32 per input at a time instead of 2.4 GiB. A constant, not
+# an option: float statistics summed over chunks depend on it, and outputs must not depend on run options.
+CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A whole tensor, or a chunk of rows of one, with its fp32 inputs (None: copied unchanged)."""
+
+    name: str
+    inputs: MergeInputs | None
+    target: torch.Tensor
+    offset: int  # first element of this piece in the flattened tensor
+    last: bool
 
 
 @dataclass
@@ -84,34 +100,69 @@ class BlockMerger:
         self._same_target = job.indexes["target"].url == job.indexes["base"].url
         self._model_roles = [f"model:{n}" for n in job.plan.model_names]
         self._weights = [float(w) for w in (job.weights or [1.0] * len(self._model_roles))]
+        self._chunking = self.method.chunking(self.params)
 
     # -- inputs ---------------------------------------------------------------------------------------
-    def _iter_inputs(self, names: list[str]) -> Iterator[tuple[str, MergeInputs | None, torch.Tensor]]:
-        """(name, fp32 inputs or None when copied, target tensor) for each name, reading in chunks."""
+    def _chunked(self, name: str) -> bool:
+        """Large tensors are merged in row chunks when the method allows it (memory stays ~CHUNK_ELEMENTS)."""
+        tp = self.job.plan.tensors[name]
+        aliased = any(t.alias_of == name for t in self.job.plan.tensors.values())
+        return (tp.merge and not aliased and len(tp.shape) >= 1 and math.prod(tp.shape) > CHUNK_ELEMENTS
+                and self._chunking in ("elements", "rows"))
+
+    def _iter_pieces(self, names: list[str]) -> Iterator[Piece]:
+        """Pieces of each tensor, in order: whole tensors (read in batches) or row chunks of large ones."""
+        plan = self.job.plan.tensors
+        batch: list[str] = []
+        for name in names:
+            if self._chunked(name):
+                yield from self._whole_pieces(batch)
+                batch = []
+                yield from self._row_pieces(name)
+            else:
+                batch.append(name)
+        yield from self._whole_pieces(batch)
+        assert all(n in plan for n in names)
+
+    def _whole_pieces(self, names: list[str]) -> Iterator[Piece]:
         plan = self.job.plan.tensors
         for chunk in _chunks(names, lambda n: plan[n].out_bytes, READ_CHUNK_BYTES):
-            # Raw reads: mmap views locally, one coalesced request per file remotely. The fp32 upcast happens
-            # per tensor below, so memory holds one chunk of raw bytes plus one tensor's working set.
+            # Raw reads: one coalesced request per file. The fp32 upcast happens per tensor below, so memory
+            # holds one batch of raw bytes plus one tensor's working set.
             merged = [n for n in chunk if plan[n].merge]
-            base = self.readers["base"].read(merged)
-            models = [self.readers[r].read(merged) for r in self._model_roles]
-            target = base if self._same_target else self.readers["target"].read(merged)
+            raw = {role: reader.read(merged) for role, reader in self._input_readers().items()}
             copied = self.readers["target"].read([n for n in chunk if not plan[n].merge])
             for name in chunk:
                 if not plan[name].merge:
-                    yield name, None, copied[name]
+                    yield Piece(name, None, copied[name], 0, True)
                     continue
-                theta0 = self._fp32(base[name])
-                deltas = [self._fp32(m.pop(name)) - theta0 for m in models]
-                tgt = theta0 if self._same_target else self._fp32(target.pop(name))
-                yield name, MergeInputs(theta0, deltas, self._weights), tgt
-                del base[name]
+                yield Piece(name, *self._inputs({role: t.pop(name) for role, t in raw.items()}), 0, True)
+
+    def _row_pieces(self, name: str) -> Iterator[Piece]:
+        shape = self.job.plan.tensors[name].shape
+        row_elems = math.prod(shape[1:])
+        rows_per_piece = max(1, CHUNK_ELEMENTS // max(1, row_elems))
+        for start in range(0, shape[0], rows_per_piece):
+            stop = min(shape[0], start + rows_per_piece)
+            raw = {role: reader.read_rows(name, start, stop) for role, reader in self._input_readers().items()}
+            yield Piece(name, *self._inputs(raw), start * row_elems, stop == shape[0])
+
+    def _input_readers(self) -> dict[str, TensorReader]:
+        roles = ["base", *self._model_roles, *([] if self._same_target else ["target"])]
+        return {role: self.readers[role] for role in roles}
+
+    def _inputs(self, raw: dict[str, torch.Tensor]) -> tuple[MergeInputs, torch.Tensor]:
+        theta0 = self._fp32(raw["base"])
+        deltas = [self._fp32(raw[role]) - theta0 for role in self._model_roles]
+        target = theta0 if self._same_target else self._fp32(raw["target"])
+        return MergeInputs(theta0, deltas, self._weights), target
 
     def _fp32(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=torch.float32)
 
-    def _ctx(self, name: str, stats: dict[str, Any]) -> TensorContext:
-        return TensorContext(name=name, seed=self.job.seed, stats=stats)
+    def _ctx(self, piece: Piece, stats: dict[str, Any]) -> TensorContext:
+        numel = math.prod(self.job.plan.tensors[piece.name].shape)
+        return TensorContext(name=piece.name, seed=self.job.seed, stats=stats, offset=piece.offset, numel=numel)
 
     # -- statistics -----------------------------------------------------------------------------------
     def map_block(self, block: Block, phase_index: int, stats: dict[str, Any]) -> PartialStats:
@@ -119,23 +170,22 @@ class BlockMerger:
         phase = self.phases[phase_index]
         names = [n for n in block.tensors if not self.job.plan.tensors[n].alias_of]
         partials = (
-            phase.map(inputs, self.params, self._ctx(name, stats))
-            for name, inputs, _ in self._iter_inputs(names) if inputs is not None
+            phase.map(piece.inputs, self.params, self._ctx(piece, stats))
+            for piece in self._iter_pieces(names) if piece.inputs is not None
         )
         return sum_partials(partials)
 
     # -- merge ----------------------------------------------------------------------------------------
-    def output_tensor(self, name: str, inputs: MergeInputs | None, target: torch.Tensor,
-                      stats: dict[str, Any]) -> torch.Tensor:
-        tp = self.job.plan.tensors[name]
-        if inputs is None:
-            return target
-        delta = self.method.merge(inputs, self.params, with_stats(self._ctx(name, {}), stats))
+    def output_piece(self, piece: Piece, stats: dict[str, Any]) -> torch.Tensor:
+        tp = self.job.plan.tensors[piece.name]
+        if piece.inputs is None:
+            return piece.target
+        delta = self.method.merge(piece.inputs, self.params, self._ctx(piece, stats))
         schedule = self.job.schedule
         if schedule is not None:
             alpha = resolved_alpha(schedule, stats)
             delta = delta * lines_scale(tp.layer, self.job.plan.num_layers, alpha, schedule.beta, schedule.non_block)
-        out = delta if self.job.write_delta else target + delta
+        out = delta if self.job.write_delta else piece.target + delta
         return out.to(torch_dtype(tp.out_dtype)).cpu()
 
     def write_block(self, block: Block, staging: Location, stats: dict[str, Any]) -> ShardRecord:
@@ -144,22 +194,24 @@ class BlockMerger:
         specs = [(n, torch_dtype(plan[n].out_dtype), plan[n].shape) for n in block.tensors]
         sources = [n for n in block.tensors if not plan[n].alias_of]
         pending_alias: dict[str, torch.Tensor] = {}
-        target_loc = staging.child(block.file)
-        with target_loc.open_write() as fh:
+        with staging.child(block.file).open_write() as fh:
             shard = ShardStream(fh, specs)
-            produced = self._iter_inputs(sources)
+            pieces = self._iter_pieces(sources)
             for position, name in enumerate(block.tensors):
                 if position == len(block.tensors) // 2:
                     maybe_inject(block.id)  # tests only: a worker dying with half a shard written
                 if plan[name].alias_of:
                     shard.write(name, pending_alias.pop(plan[name].alias_of))
                     continue
-                got, inputs, target = next(produced)
-                assert got == name, (got, name)
-                tensor = self.output_tensor(name, inputs, target, stats)
+                while True:
+                    piece = next(pieces)
+                    assert piece.name == name, (piece.name, name)
+                    tensor = self.output_piece(piece, stats)
+                    shard.write_part(name, tensor)
+                    if piece.last:
+                        break
                 if any(plan[a].alias_of == name for a in block.tensors):
                     pending_alias[name] = tensor
-                shard.write(name, tensor)
             size, digest = shard.finish()
         return ShardRecord(block.file, size, digest, block.tensors, block.nbytes)
 

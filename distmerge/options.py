@@ -28,6 +28,10 @@ class RunOptions(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs each worker reserves (fractions allowed).")
     gpus_per_worker: float = Field(1.0, ge=0, description="Ray GPUs each worker reserves when the device is cuda.")
     max_retries: int = Field(3, ge=0, description="Times a block is retried after its worker dies.")
+    block_timeout: float | None = Field(
+        None, gt=0, description="Seconds after which a block's worker is presumed hung, replaced, and the block "
+        "retried (default: wait; a dead worker or node is detected by Ray either way)."
+    )
 
 
 def resolve_device(device: str) -> str:

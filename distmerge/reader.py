@@ -51,6 +51,18 @@ class TensorReader:
                 out[name] = tensor.to(device) if str(device) != "cpu" else tensor
         return {e.name: out[e.name] for e in entries}
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (first dimension), reading only their bytes."""
+        entry = self.index.entry(name)
+        row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else 0
+        part = TensorEntry(name, entry.file, entry.dtype, (stop - start, *entry.shape[1:]),
+                           entry.start + start * row_bytes, entry.start + stop * row_bytes)
+        loc = self.index.location.child(entry.file)
+        if self.use_mmap and loc.local_path is not None:
+            return self._mapped(entry.file, loc.local_path, part)
+        (blob,) = loc.read_ranges([(part.start, part.end)], file_size=self.index.files[entry.file].size)
+        return _from_buffer(blob, part, 0)
+
     def _mapped(self, file: str, path: str, entry: TensorEntry) -> torch.Tensor:
         mm = self._maps.get(file)
         if mm is None:

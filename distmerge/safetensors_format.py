@@ -191,6 +191,7 @@ class ShardStream:
         self._stream = stream
         self._specs = list(specs)
         self._next = 0
+        self._current = 0  # bytes of the current tensor written so far
         header = build_header(self._specs, metadata or {"format": "pt"})
         self._digest = hashlib.sha256(header)
         stream.write(header)
@@ -200,11 +201,24 @@ class ShardStream:
         expected = self._specs[self._next]
         if (name, tensor.dtype, tuple(tensor.shape)) != expected:
             raise AssertionError(f"shard stream expected {expected}, got {(name, tensor.dtype, tuple(tensor.shape))}")
-        data = tensor_bytes(tensor)
+        self.write_part(name, tensor)
+
+    def write_part(self, name: str, part: torch.Tensor) -> None:
+        """Append the next piece (e.g. a chunk of rows) of tensor `name`; the tensor ends when its bytes do."""
+        spec_name, dtype, shape = self._specs[self._next]
+        if name != spec_name or part.dtype != dtype:
+            raise AssertionError(f"shard stream expected {spec_name} ({dtype}), got {name} ({part.dtype})")
+        data = tensor_bytes(part)
         self._digest.update(data)
         self._stream.write(data)
         self.size += len(data)
-        self._next += 1
+        self._current += len(data)
+        expected = math.prod(shape) * part.element_size()
+        if self._current > expected:
+            raise AssertionError(f"{name}: {self._current} bytes written, the header says {expected}")
+        if self._current == expected:
+            self._next += 1
+            self._current = 0
 
     def finish(self) -> tuple[int, str]:
         if self._next != len(self._specs):

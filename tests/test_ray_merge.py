@@ -77,6 +77,15 @@ def test_killed_worker_is_replaced_and_output_identical(local_ray, tiny_family, 
 
 
 
+def test_hung_worker_is_replaced_after_block_timeout(local_ray, tiny_family, references, tmp_path, monkeypatch):
+    marker = tmp_path / "hang-fired"
+    monkeypatch.setenv("DISTMERGE_FAULT", "hang:4")
+    monkeypatch.setenv("DISTMERGE_FAULT_MARKER", str(marker))
+    got = merge(tiny_family, "ram", tmp_path / "out", 2, block_timeout=8)
+    assert marker.exists(), "the fault never fired: the test proved nothing"
+    assert got == references["ram"]
+
+
 def test_s3_inputs_and_output_on_ray_same_bytes(pool, tiny_family, references, s3_bucket):
     from distmerge.storage import Location
     from tests.conftest import upload

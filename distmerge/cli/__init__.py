@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "plan": "distmerge.cli.merge_cmd:plan",
     "methods": "distmerge.cli.merge_cmd:methods",
     "vector": "distmerge.cli.vector_cmd:vector",
+    "testbed": "distmerge.cli.testbed_cmd:testbed",
 }
 
 

@@ -36,4 +36,4 @@ def linear(inputs: MergeInputs, params: LinearParams, ctx: TensorContext) -> tor
 
 
 register(MergeMethod("linear", LinearParams, linear, doc="Weighted average of the models (delta form).",
-                     check_weights=check_linear_weights))
+                     check_weights=check_linear_weights, chunking=lambda params: "elements"))

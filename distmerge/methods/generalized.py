@@ -140,10 +140,12 @@ def _ties_trim(tau: torch.Tensor, params: TiesParams, ctx: TensorContext, index:
     return sparsify.magnitude_topk(tau, params.density)
 
 
+def _uniform(tau: torch.Tensor, ctx: TensorContext, index: int) -> torch.Tensor:
+    return uniform_like(tau, ctx.seed, ctx.name, index, offset=ctx.offset, total=ctx.numel)
+
+
 def _dare(tau: torch.Tensor, params: DareParams, ctx: TensorContext, index: int) -> torch.Tensor:
-    return sparsify.dare_drop(
-        tau, params.density, params.rescale, uniform_like(tau, ctx.seed, ctx.name, index)
-    )
+    return sparsify.dare_drop(tau, params.density, params.rescale, _uniform(tau, ctx, index))
 
 
 def _breadcrumbs(
@@ -153,8 +155,7 @@ def _breadcrumbs(
 
 
 def _della(tau: torch.Tensor, params: DellaParams, ctx: TensorContext, index: int) -> torch.Tensor:
-    uniform = uniform_like(tau, ctx.seed, ctx.name, index)
-    return sparsify.della_drop(tau, params.density, params.epsilon, uniform)
+    return sparsify.della_drop(tau, params.density, params.epsilon, _uniform(tau, ctx, index))
 
 
 # --- registration ---------------------------------------------------------------------------------------
@@ -166,12 +167,17 @@ def _register_variant(
     consensus: Consensus,
     doc: str,
     stats_phases: tuple[StatsPhase, ...] = (),
+    chunking=lambda params: "elements",
 ) -> None:
     def merge(inputs: MergeInputs, params: Any, ctx: TensorContext) -> torch.Tensor:
         return generalized_task_arithmetic(inputs, params, ctx, sparsifier, consensus)
 
     name = params_model.method_name
-    register(MergeMethod(name, params_model, merge, stats_phases=stats_phases, doc=doc))
+    register(MergeMethod(name, params_model, merge, stats_phases=stats_phases, doc=doc, chunking=chunking))
+
+
+def _dare_chunking(params: DareParams) -> str:
+    return "elements" if params.rescale == "inverse_p" else "none"  # l1 rescale matches a whole-tensor norm
 
 
 _register_variant(TaskArithmeticParams, None, "sum", "lambda * sum_i w_i tau_i.")
@@ -181,26 +187,33 @@ _register_variant(
     "ties",
     "TIES (arXiv 2306.01708): top-k trim by |tau|, sign election, disjoint weighted mean, times lambda.",
     stats_phases=ties_global.GLOBAL_TRIM_PHASES,
+    chunking=lambda params: "elements" if params.trim_scope == "global" else "none",
 )
 _register_variant(
-    DareLinearParams, _dare, "sum", "DARE (arXiv 2311.03099) random drop and rescale, weighted sum."
+    DareLinearParams, _dare, "sum", "DARE (arXiv 2311.03099) random drop and rescale, weighted sum.",
+    chunking=_dare_chunking,
 )
 _register_variant(
-    DareTiesParams, _dare, "ties", "DARE random drop and rescale, TIES sign election + disjoint mean."
+    DareTiesParams, _dare, "ties", "DARE random drop and rescale, TIES sign election + disjoint mean.",
+    chunking=_dare_chunking,
 )
 _register_variant(
     BreadcrumbsParams,
     _breadcrumbs,
     "sum",
     "Model breadcrumbs (arXiv 2312.06795): drop outliers and small entries, sum.",
+    chunking=lambda params: "none",  # per-tensor magnitude quantiles
 )
 _register_variant(
-    BreadcrumbsTiesParams, _breadcrumbs, "ties", "Breadcrumbs band, TIES sign election + disjoint mean."
+    BreadcrumbsTiesParams, _breadcrumbs, "ties", "Breadcrumbs band, TIES sign election + disjoint mean.",
+    chunking=lambda params: "none",
 )
 _register_variant(
     DellaParams,
     _della,
     "ties",
     "DELLA (arXiv 2406.11617): rank-based random drop per row, sign election + mean.",
+    chunking=lambda params: "rows",
 )
-_register_variant(DellaLinearParams, _della, "sum", "DELLA rank-based random drop per row, weighted sum.")
+_register_variant(DellaLinearParams, _della, "sum", "DELLA rank-based random drop per row, weighted sum.",
+                  chunking=lambda params: "rows")

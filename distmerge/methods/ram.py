@@ -170,7 +170,8 @@ def ram_plus_tensor(inputs: MergeInputs, params: RamPlusTensorParams, ctx: Tenso
 
 
 register(
-    MergeMethod("ram", RamParams, ram, doc="RAM: active-only mean on shared entries, unique entries kept.")
+    MergeMethod("ram", RamParams, ram, doc="RAM: active-only mean on shared entries, unique entries kept.",
+                chunking=lambda params: "elements")
 )
 register(
     MergeMethod(
@@ -179,6 +180,7 @@ register(
         ram_plus,
         stats_phases=(StatsPhase("ram_plus_overlap_counts", _map_overlap, _finalize_overlap),),
         doc="RAM+: RAM with unique entries of model i scaled by lambda_i from whole-checkpoint overlap counts.",
+        chunking=lambda params: "elements",  # lambda_i come from whole-checkpoint stats
     )
 )
 register(

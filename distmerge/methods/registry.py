@@ -44,6 +44,10 @@ class TensorContext:
     name: str
     seed: int = 0
     stats: Mapping[str, Any] = field(default_factory=dict)
+    # When the executor merges a large tensor in row chunks (see MergeMethod.chunking), the chunk holds
+    # elements [offset, offset + chunk numel) of a tensor of `numel` elements; None: the whole tensor.
+    offset: int = 0
+    numel: int | None = None
 
 
 PartialStats = dict[str, torch.Tensor]
@@ -80,6 +84,10 @@ class MergeMethod:
     # Optional recipe-time check of the per-model weights (raise ValueError naming the fix), so a bad recipe
     # fails before any work instead of in the middle of a merge.
     check_weights: Callable[[Any, list[float]], None] | None = None
+    # How the executor may split a large tensor to bound memory: "elements" (each entry's result depends only
+    # on that entry and ctx.stats), "rows" (only on its row), or "none" (on the whole tensor, e.g. per-tensor
+    # top-k or cosines). A callable of the params, since e.g. TIES is elementwise only with global trimming.
+    chunking: Callable[[Any], str] = lambda params: "none"
 
     def parse_params(self, raw: Mapping[str, Any] | None) -> MethodParams:
         return self.params_model.model_validate(dict(raw or {}))
