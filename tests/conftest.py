@@ -143,3 +143,15 @@ def tiny_family(tmp_path_factory) -> dict[str, str]:
         "sft-b": make_finetune(base, str(root / "sft-b"), 2),
         "rl-c": make_finetune(base, str(root / "rl-c"), 3, scale=0.01, density=0.05),
     }
+
+
+TESTBED_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "testbed-tests")
+
+
+@pytest.fixture(scope="session")
+def testbed_tiny():
+    """The tiny testbed family (real trained Qwen2 models), built once and cached by content hash under
+    .cache/testbed-tests, so every module that needs it (testbed, eval, production) shares one build."""
+    from distmerge.testbed import build_family
+
+    return build_family(os.path.join(TESTBED_CACHE, "tiny-0"), size="tiny", seed=0, progress=False)
