@@ -148,6 +148,7 @@ def test_cli_gates_and_load_check(family, testbed_report, ray_cluster, tmp_path,
     assert "PASS: gate 'sft-uppercase>=base' passed on task uppercase" in (out / "report.md").read_text()
     summary = json.loads((out / "report.json").read_text())
     assert summary["roles"]["specialists"] == {"uppercase": "sft-uppercase"} and summary["gates_passed"] is False
+    assert summary["meta"]["num_actors"] == 1  # read from the CLI's own pool before it closed
     assert all((out / name).stat().st_size > 0 for name in ("results.parquet", "report.md", "chart.png"))
     # The same accuracies pass a looser gate through the API.
     from distmerge.evaluation import resolve_roles

@@ -105,6 +105,7 @@ def evaluate_models(models: Mapping[str, str], suites: Sequence[Suite | str], op
     pool = pool or EnginePool(options)
     checkpoints = {name: Location(url, storage_options) for name, url in models.items()}
     start = time.perf_counter()
+    num_actors, settings = len(pool.actors), pool.settings  # read before an owned pool is closed
     try:
         units = _units(models, len(prompts), len(pool.actors))
         logger.info("evaluating %d models on %d prompts (%s) with %d actors", len(models), len(prompts),
@@ -121,8 +122,8 @@ def evaluate_models(models: Mapping[str, str], suites: Sequence[Suite | str], op
         suites=[{"name": s.name, "source": s.source, "tasks": s.tasks, "max_tokens": s.max_tokens,
                  "num_examples": len(s.examples)} for s in suites],
         roles=roles or resolve_roles(list(models), tasks),
-        meta={"device": pool.settings.device, "dtype": pool.settings.llm_kwargs["dtype"],
-              "num_actors": len(pool.actors), "seconds": round(seconds, 2),
+        meta={"device": settings.device, "dtype": settings.llm_kwargs["dtype"],
+              "num_actors": num_actors, "seconds": round(seconds, 2),
               "prompts_per_second": len(prompts) * len(models) / seconds,
               "generate_seconds": sum(r["generate_seconds"] for r in results.values()),
               "load_seconds": sum(r["load_seconds"] for r in results.values())})
