@@ -113,15 +113,25 @@ def _kill_processes_mentioning(needle: str) -> None:
             continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
+            # Some of the head's processes (client server, dashboard and runtime-env agents) do not name the
+            # temp dir on their command line but hold files open in it.
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
-        if needle in cmdline and int(pid) != os.getpid():
+        if (needle in cmdline or any(needle in _link(f"/proc/{pid}/fd/{fd}") for fd in fds)) and int(pid) != os.getpid():
             mine.append(int(pid))
     for pid in mine:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed since the listing
+        return ""
 
 
 def submit_job(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
