@@ -22,6 +22,10 @@ SUBCOMMANDS = {
     "methods": "distmerge.cli.merge_cmd:methods",
     "vector": "distmerge.cli.vector_cmd:vector",
     "testbed": "distmerge.cli.testbed_cmd:testbed",
+    "eval": "distmerge.cli.eval_cmd:eval_cmd",
+    "watch": "distmerge.cli.watch_cmd:watch",
+    "runs": "distmerge.cli.runs_cmd:runs",
+    "serve": "distmerge.cli.serve_cmd:serve",
 }
 
 
