@@ -6,12 +6,22 @@ a shard record), never tensors. The driver keeps at most `in_flight_per_worker` 
 (`ray.wait`, no `ray.get` in a loop). When an actor dies (process killed, node lost) its in-flight blocks are
 requeued on a replacement actor; blocks are idempotent (a retried shard is rewritten from scratch under the
 staging prefix), so the output is byte-identical whatever failed.
+
+A local Ray started here is lean (`local_ray_init_kwargs`): no dashboard unless asked, a small object store,
+no idle workers prestarted (each would be one more Python process of ~80 MB), one actor per worker. Each
+actor merges `worker_threads(options)` blocks at once, each on one thread (a threaded actor; torch ops
+release the GIL): on a local Ray the machine's cores are shared among the workers, so one worker uses them
+all and two do not oversubscribe them. Block-level threads beat torch's intra-op threads here: they also
+run the serial parts (reads, random numbers, histograms, sorts, hashing, writes) in parallel, and never
+wait on each other inside an op.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -23,7 +33,7 @@ from distmerge.errors import MergeError
 from distmerge.faults import fault_env
 from distmerge.merge_core import BlockMerger, MergeJob
 from distmerge.methods.registry import PartialStats
-from distmerge.options import RunOptions
+from distmerge.options import RunOptions, machine_cpus, worker_threads
 from distmerge.plan import Block
 from distmerge.staging import save_record
 from distmerge.storage import Location
@@ -31,8 +41,9 @@ from distmerge.writer import ShardRecord
 
 log = logging.getLogger(__name__)
 
-# A local Ray started by distmerge caps its object store: only manifests and the plan travel through it.
-LOCAL_OBJECT_STORE_BYTES = 128 * 1024**2
+# A local Ray started by distmerge caps its object store: only manifests and the plan travel through it
+# (Ray's minimum is 75 MiB).
+LOCAL_OBJECT_STORE_BYTES = 80 * 1024**2
 
 
 class BlockTimeout(Exception):
@@ -43,20 +54,23 @@ class MergeWorker:
     """Plain class behind the actor, so the same code runs (and is tested) without Ray.
 
     A worker serves any number of jobs in turn (a pool outlives one merge in long-running drivers such as
-    scheduled merges); it builds a job's BlockMerger on first use and drops it on `release`.
+    scheduled merges); it builds a job's BlockMerger on first use and drops it on `release`. Calls may run
+    on several threads at once (one block each): BlockMerger keeps no state between blocks.
     """
 
     def __init__(self):
         import torch
 
-        torch.set_num_threads(1)  # as LocalExecutor: thread count changes float reductions; workers share cores
+        torch.set_num_threads(1)  # parallelism comes from blocks on threads (see the module docstring)
         self.jobs: dict[str, tuple[BlockMerger, Location, dict[int, Block]]] = {}
+        self._lock = threading.Lock()
 
     def _job(self, job_id: str, job_box: list, staging: Location, device: str):
-        if job_id not in self.jobs:
-            job: MergeJob = ray.get(job_box[0])  # boxed: Ray resolves it here once, not on every call
-            self.jobs[job_id] = (BlockMerger(job, device), staging, {b.id: b for b in job.plan.blocks})
-        return self.jobs[job_id]
+        with self._lock:
+            if job_id not in self.jobs:
+                job: MergeJob = ray.get(job_box[0])  # boxed: Ray resolves it here once, not on every call
+                self.jobs[job_id] = (BlockMerger(job, device), staging, {b.id: b for b in job.plan.blocks})
+            return self.jobs[job_id]
 
     def map_block(self, job_id, job_box, staging, device, block_id, phase_index, stats):
         merger, _, blocks = self._job(job_id, job_box, staging, device)
@@ -84,6 +98,7 @@ class WorkerPool:
         self.options = options
         self.device = device
         self._started_ray = _ensure_ray(options)
+        self.threads = worker_threads(options, local=self._started_ray and not _cluster_address(options))
         self.pool_id = uuid.uuid4().hex[:8]
         self._spawned = 0
         self.actors = [self._spawn() for _ in range(options.workers)]
@@ -97,7 +112,7 @@ class WorkerPool:
         env = fault_env()
         actor_cls = ray.remote(MergeWorker).options(
             name=name, namespace="distmerge", scheduling_strategy="SPREAD", max_restarts=0,
-            runtime_env={"env_vars": env} if env else None, **resources,
+            max_concurrency=self.threads, runtime_env={"env_vars": env} if env else None, **resources,
         )
         return actor_cls.remote()
 
@@ -146,7 +161,8 @@ class RayExecutor:
         started: dict[Any, float] = {}
         load = dict.fromkeys(self.slots, 0)
         results: dict[int, Any] = {}
-        limit = self.options.in_flight_per_worker
+        # one more than an actor works on at once, so a finished block's thread finds the next one queued
+        limit = max(self.options.in_flight_per_worker, self.pool.threads + 1)
         while queue or in_flight:
             for slot in sorted(self.slots, key=lambda s: load[s]):
                 while queue and load[slot] < limit:
@@ -218,11 +234,25 @@ def _ensure_ray(options: RunOptions) -> bool:
     """Connect to the cluster in use, the one named by --address, or start a local one. True if started."""
     if ray.is_initialized():
         return False
-    address = options.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
+    address = _cluster_address(options)
     if address:
         ray.init(address=address, namespace="distmerge", log_to_driver=True)
         return True
-    cpus = max(os.cpu_count() or 1, int(options.workers * options.cpus_per_worker + 0.999))
-    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-             namespace="distmerge", log_to_driver=True)
+    ray.init(**local_ray_init_kwargs(options))
     return True
+
+
+def _cluster_address(options: RunOptions) -> str | None:
+    return options.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
+
+
+def local_ray_init_kwargs(options: RunOptions) -> dict[str, Any]:
+    """`ray.init` arguments for the local Ray a merge starts (the benchmark's Ray baseline uses them too)."""
+    cpus = max(machine_cpus(), math.ceil(options.workers * options.cpus_per_worker))
+    dashboard = {"dashboard_host": "127.0.0.1"} if options.dashboard else {}
+    return dict(
+        num_cpus=cpus, include_dashboard=options.dashboard, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        namespace="distmerge", log_to_driver=True,
+        # Ray starts one idle Python worker per CPU when the driver connects; the actors start their own.
+        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False}, **dashboard,
+    )

@@ -124,8 +124,9 @@ def _execute(job: MergeJob, state: StagingState, executor, options: RunOptions):
 def _make_executor(job: MergeJob, staging: Location, options: RunOptions, device: str, pool=None):
     if options.workers == 0:
         from distmerge.execute_local import LocalExecutor
+        from distmerge.options import worker_threads
 
-        return LocalExecutor(job, staging, device)
+        return LocalExecutor(job, staging, device, worker_threads(options, local=False))
     from distmerge.execute_ray import RayExecutor
 
     return RayExecutor(job, staging, options, device, pool)

@@ -5,20 +5,23 @@ driver and shipped once. `BlockMerger` is a plain class: the single-process exec
 each Ray actor wraps one. Per tensor: inputs are read (coalesced, upcast to fp32 on the compute device),
 task vectors tau_i = theta_i - theta_0 are formed, the method returns the merged vector, LiNeS scales it by
 the tensor's block, and the result (target + scaled vector) is cast to the output dtype and streamed into the
-block's shard. Memory is bounded by one read chunk of inputs plus one tensor's working set.
+block's shard. Tensors above CHUNK_ELEMENTS are merged in row chunks; methods that need whole-tensor
+statistics get them from their tensor phases, run over the chunks first. Memory is bounded by one read chunk
+of inputs plus one chunk's working set, whatever the tensor sizes.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from distmerge.checkpoint import CheckpointIndex
 from distmerge.faults import maybe_inject
+from distmerge.methods.exact import one_thread
 from distmerge.methods.registry import (
     MergeInputs,
     MergeMethod,
@@ -27,7 +30,7 @@ from distmerge.methods.registry import (
     TensorContext,
     get_method,
 )
-from distmerge.methods.stats import sum_partials
+from distmerge.methods.stats import chunked_tensor_stats, sum_partials, with_prefix_stats
 from distmerge.plan import Block, Plan, torch_dtype
 from distmerge.reader import TensorReader
 from distmerge.safetensors_format import ShardStream
@@ -35,13 +38,17 @@ from distmerge.schedule import LinesSchedule, auto_alpha_phase, lines_scale, res
 from distmerge.storage import Location
 from distmerge.writer import ShardRecord
 
-# Inputs are read in chunks of about this many bytes per checkpoint: one coalesced request per file on object
-# stores, while keeping memory far below a whole block.
-READ_CHUNK_BYTES = 64 * 1024**2
+# Inputs are read in chunks of about this many output bytes: one coalesced request per file on object stores,
+# while keeping memory far below a whole block (each input holds its raw bytes of the chunk).
+READ_CHUNK_BYTES = 4 * 1024**2
+# A chunked tensor whose tensor phases need several passes keeps its fp32 inputs between passes when they
+# fit in this many bytes (an MLP matrix of a small model), instead of reading and subtracting them again.
+TENSOR_CACHE_BYTES = 96 * 1024**2
 # Tensors above this many elements are merged in row chunks when the method allows it (MergeMethod.chunking),
-# so an embedding of 150k x 4k costs 32 MiB of fp32 per input at a time instead of 2.4 GiB. A constant, not
-# an option: float statistics summed over chunks depend on it, and outputs must not depend on run options.
-CHUNK_ELEMENTS = 1 << 23
+# so an embedding of 150k x 4k costs 4 MiB of fp32 per input and temporary at a time instead of 2.4 GiB; a
+# method's working set is ten or more such tensors. A constant, not an option: the float sums of LiNeS'
+# `alpha: auto` add per chunk, and outputs must not depend on run options.
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class Piece:
     target: torch.Tensor
     offset: int  # first element of this piece in the flattened tensor
     last: bool
+    stats: dict[str, Any] = field(default_factory=dict)  # a chunk's tensor-phase results over its whole tensor
 
 
 @dataclass
@@ -83,7 +91,8 @@ class MergeJob:
             def merged(inputs: MergeInputs, ctx: TensorContext) -> torch.Tensor:
                 return method.merge(inputs, params, ctx)
 
-            phases.append(auto_alpha_phase(merged, len(names)))
+            phase = auto_alpha_phase(merged, len(names))
+            phases.append(replace(phase, map=_one_thread(phase.map)))  # float L1 sums: see exact.one_thread
         return phases
 
 
@@ -101,6 +110,7 @@ class BlockMerger:
         self._model_roles = [f"model:{n}" for n in job.plan.model_names]
         self._weights = [float(w) for w in (job.weights or [1.0] * len(self._model_roles))]
         self._chunking = self.method.chunking(self.params)
+        self._tensor_phases = self.method.tensor_phases(self.params)
 
     # -- inputs ---------------------------------------------------------------------------------------
     def _chunked(self, name: str) -> bool:
@@ -110,19 +120,17 @@ class BlockMerger:
         return (tp.merge and not aliased and len(tp.shape) >= 1 and math.prod(tp.shape) > CHUNK_ELEMENTS
                 and self._chunking in ("elements", "rows"))
 
-    def _iter_pieces(self, names: list[str]) -> Iterator[Piece]:
+    def _iter_pieces(self, names: list[str], stats: dict[str, Any]) -> Iterator[Piece]:
         """Pieces of each tensor, in order: whole tensors (read in batches) or row chunks of large ones."""
-        plan = self.job.plan.tensors
         batch: list[str] = []
         for name in names:
             if self._chunked(name):
                 yield from self._whole_pieces(batch)
                 batch = []
-                yield from self._row_pieces(name)
+                yield from self._chunk_pieces(name, stats)
             else:
                 batch.append(name)
         yield from self._whole_pieces(batch)
-        assert all(n in plan for n in names)
 
     def _whole_pieces(self, names: list[str]) -> Iterator[Piece]:
         plan = self.job.plan.tensors
@@ -138,6 +146,25 @@ class BlockMerger:
                     continue
                 yield Piece(name, *self._inputs({role: t.pop(name) for role, t in raw.items()}), 0, True)
 
+    def _chunk_pieces(self, name: str, stats: dict[str, Any]) -> Iterator[Piece]:
+        """Row chunks of a large tensor; with tensor phases, first run them over all chunks (one pass each;
+        prefix phases ride along with the merge of the chunks)."""
+        if not self._tensor_phases:
+            yield from self._row_pieces(name)
+            return
+        copies = 1 + len(self._model_roles) + (0 if self._same_target else 1)
+        cached = (list(self._row_pieces(name))
+                  if 4 * copies * math.prod(self.job.plan.tensors[name].shape) <= TENSOR_CACHE_BYTES else None)
+
+        def pieces() -> Iterator[Piece]:
+            return iter(cached) if cached is not None else self._row_pieces(name)
+
+        totals = chunked_tensor_stats(
+            self._tensor_phases, self.params, lambda: ((piece.inputs, self._ctx(piece, stats)) for piece in pieces()))
+        items = ((piece, piece.inputs, self._ctx(piece, stats)) for piece in pieces())
+        for piece, piece_stats in with_prefix_stats(self._tensor_phases, self.params, items, totals):
+            yield replace(piece, stats=piece_stats)
+
     def _row_pieces(self, name: str) -> Iterator[Piece]:
         shape = self.job.plan.tensors[name].shape
         row_elems = math.prod(shape[1:])
@@ -152,9 +179,10 @@ class BlockMerger:
         return {role: self.readers[role] for role in roles}
 
     def _inputs(self, raw: dict[str, torch.Tensor]) -> tuple[MergeInputs, torch.Tensor]:
-        theta0 = self._fp32(raw["base"])
-        deltas = [self._fp32(raw[role]) - theta0 for role in self._model_roles]
-        target = theta0 if self._same_target else self._fp32(raw["target"])
+        theta0 = self._fp32(raw.pop("base"))
+        # one pass per model: the subtraction upcasts a bf16 input on the fly (no fp32 copy first)
+        deltas = [torch.sub(raw.pop(role).to(self.device), theta0) for role in self._model_roles]
+        target = theta0 if self._same_target else self._fp32(raw.pop("target"))
         return MergeInputs(theta0, deltas, self._weights), target
 
     def _fp32(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -162,7 +190,8 @@ class BlockMerger:
 
     def _ctx(self, piece: Piece, stats: dict[str, Any]) -> TensorContext:
         numel = math.prod(self.job.plan.tensors[piece.name].shape)
-        return TensorContext(name=piece.name, seed=self.job.seed, stats=stats, offset=piece.offset, numel=numel)
+        return TensorContext(name=piece.name, seed=self.job.seed, stats={**stats, **piece.stats} if piece.stats
+                             else stats, offset=piece.offset, numel=numel)
 
     # -- statistics -----------------------------------------------------------------------------------
     def map_block(self, block: Block, phase_index: int, stats: dict[str, Any]) -> PartialStats:
@@ -171,7 +200,7 @@ class BlockMerger:
         names = [n for n in block.tensors if not self.job.plan.tensors[n].alias_of]
         partials = (
             phase.map(piece.inputs, self.params, self._ctx(piece, stats))
-            for piece in self._iter_pieces(names) if piece.inputs is not None
+            for piece in self._iter_pieces(names, stats) if piece.inputs is not None
         )
         return sum_partials(partials)
 
@@ -185,7 +214,7 @@ class BlockMerger:
         if schedule is not None:
             alpha = resolved_alpha(schedule, stats)
             delta = delta * lines_scale(tp.layer, self.job.plan.num_layers, alpha, schedule.beta, schedule.non_block)
-        out = delta if self.job.write_delta else piece.target + delta
+        out = delta if self.job.write_delta else delta.add_(piece.target)  # methods return a new tensor
         return out.to(torch_dtype(tp.out_dtype)).cpu()
 
     def write_block(self, block: Block, staging: Location, stats: dict[str, Any]) -> ShardRecord:
@@ -196,7 +225,7 @@ class BlockMerger:
         pending_alias: dict[str, torch.Tensor] = {}
         with staging.child(block.file).open_write() as fh:
             shard = ShardStream(fh, specs)
-            pieces = self._iter_pieces(sources)
+            pieces = self._iter_pieces(sources, stats)
             for position, name in enumerate(block.tensors):
                 if position == len(block.tensors) // 2:
                     maybe_inject(block.id)  # tests only: a worker dying with half a shard written
@@ -231,6 +260,14 @@ def _chunks(names: list[str], size_of, limit: int) -> Iterator[list[str]]:
         used += size_of(name)
     if chunk:
         yield chunk
+
+
+def _one_thread(fn):
+    def run(*args):
+        with one_thread():
+            return fn(*args)
+
+    return run
 
 
 def reduce_phase(job: MergeJob, phase_index: int, partials_by_block: dict[int, PartialStats]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ CLI flags of `distmerge merge` derive from these fields, so each setting is defi
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,12 +27,36 @@ class RunOptions(BaseModel):
     progress: bool = Field(True, description="Show a progress bar on the driver.")
     in_flight_per_worker: int = Field(2, ge=1, description="Blocks queued per worker (bounds driver memory).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs each worker reserves (fractions allowed).")
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="Blocks each worker merges at once, one thread each (outputs do not depend on "
+        "it). Default: with a local Ray, this machine's cores shared among the workers; on a cluster, the CPUs "
+        "each worker reserves (at least 1); without Ray, 1.")
+    dashboard: bool = Field(False, description="Start the Ray dashboard (127.0.0.1:8265) with a local Ray; off by "
+                            "default to save its memory and start-up time.")
     gpus_per_worker: float = Field(1.0, ge=0, description="Ray GPUs each worker reserves when the device is cuda.")
     max_retries: int = Field(3, ge=0, description="Times a block is retried after its worker dies.")
     block_timeout: float | None = Field(
         None, gt=0, description="Seconds after which a block's worker is presumed hung, replaced, and the block "
         "retried (default: wait; a dead worker or node is detected by Ray either way)."
     )
+
+
+def machine_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_threads(options: RunOptions, local: bool) -> int:
+    """Threads (blocks at once) of each worker: as set, else the cores shared among the actors of a local Ray,
+    else the CPUs an actor reserves on a cluster. Without Ray (workers 0) the merge runs in the caller's
+    process, which may have other work: one unless asked."""
+    if options.threads_per_worker is not None:
+        return options.threads_per_worker
+    if options.workers == 0:
+        return 1
+    if local:
+        return max(1, machine_cpus() // options.workers)
+    return max(1, int(options.cpus_per_worker))
 
 
 def resolve_device(device: str) -> str:

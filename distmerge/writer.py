@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -151,7 +152,10 @@ class CheckpointWriter:
     def commit(self, records: Sequence[ShardRecord], extra_files: Sequence[str] = (), *,
                check_hash: bool = True, metadata: Mapping | None = None) -> None:
         """Verify staged shards, move everything into place, write the index last, drop the staging."""
-        bad = [r.file for r in records if not verify_shard(self.staging, r, check_hash=check_hash)]
+        # Hashing releases the GIL: shards verify in parallel (the last step of every merge, on the driver).
+        with ThreadPoolExecutor(max(1, min(4, len(records)))) as pool:
+            ok = list(pool.map(lambda r: verify_shard(self.staging, r, check_hash=check_hash), records))
+        bad = [r.file for r, good in zip(records, ok, strict=True) if not good]
         if bad:
             raise CheckpointError(f"staged shard(s) {bad} do not match their records (size/sha256); nothing "
                                   "was published", file=self.staging.url, fix="re-run the merge (or --resume)")

@@ -1,5 +1,7 @@
 """Large tensors merged in row chunks give exactly the bytes of whole-tensor merges, for every method that
-allows chunking, and random masks do not depend on how a tensor is cut."""
+allows chunking (per-tensor statistics included: TIES top-k, breadcrumbs bands, DARE L1 norms, per-tensor RAM+
+counts), random masks do not depend on how a tensor is cut, and blocks merged on several threads give the same
+bytes. (Torch intra-op thread counts: tests/test_exact_selection.py.)"""
 
 from __future__ import annotations
 
@@ -13,45 +15,89 @@ from distmerge.merge import run_merge
 from distmerge.methods import get_method, method_names, rng
 from distmerge.options import RunOptions
 from distmerge.recipe import parse_recipe
+from tests.conftest import build_tiny_model, make_finetune
 
-PARAMS = {"ties": {"trim_scope": "global"}, "dare_linear": {"rescale": "inverse_p"}}
+# Every method with its default params, plus the variants that take another path through the executor.
+CASES = [(name, {}) for name in method_names()] + [
+    ("ties", {"trim_scope": "global"}),
+    ("dare_linear", {"rescale": "l1"}),
+    ("dare_ties", {"rescale": "l1"}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.2}),
+]
 
 
-def run(family: dict, method: str, out: Path) -> dict[str, bytes]:
+def case_id(case) -> str:
+    name, params = case
+    return name + "".join(f"-{k}={v}" for k, v in params.items())
+
+
+def run(family: dict, method: str, params: dict, out: Path, threads: int = 1,
+        block_size: int = 96 * 1024) -> dict[str, bytes]:
     recipe = parse_recipe({"base": family["base"], "method": method, "output": str(out), "seed": 5,
-                           "params": PARAMS.get(method, {}),
+                           "params": params,
                            "models": [{"name": n, "path": family[n]} for n in ("sft-a", "sft-b", "rl-c")]})
-    run_merge(recipe, RunOptions(progress=False, block_size=96 * 1024))
+    run_merge(recipe, RunOptions(progress=False, block_size=block_size, threads_per_worker=threads))
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix == ".safetensors"}
 
 
-def chunkable() -> list[str]:
-    out = []
-    for name in method_names():
-        method = get_method(name)
-        if method.chunking(method.parse_params(PARAMS.get(name, {}))) != "none":
-            out.append(name)
-    return out
+def chunkable(name: str, params: dict) -> bool:
+    method = get_method(name)
+    return method.chunking(method.parse_params(params)) != "none"
 
 
-def test_the_methods_that_should_chunk_do():
-    assert set(chunkable()) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della",
-                                "della_linear", "ram", "ram_plus"}
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory) -> dict[str, str]:
+    """Like tiny_family, in bf16: task vectors are differences of bf16 values, so many magnitudes repeat and
+    the tie rules at every threshold and band bound are exercised."""
+    root = tmp_path_factory.mktemp("bf16-family")
+    base = build_tiny_model(root / "base", "qwen2", num_hidden_layers=2, dtype=torch.bfloat16, shard="60KB")
+    return {
+        "base": base,
+        "sft-a": make_finetune(base, str(root / "sft-a"), 1),
+        "sft-b": make_finetune(base, str(root / "sft-b"), 2),
+        "rl-c": make_finetune(base, str(root / "rl-c"), 3, scale=0.01, density=0.05),
+    }
 
 
-@pytest.mark.parametrize("method", chunkable())
-def test_row_chunks_give_identical_bytes(method, tiny_family, tmp_path, monkeypatch):
+def test_every_method_but_model_stock_chunks():
+    # Model Stock's float cosines have no exact additive form: it merges whole tensors.
+    assert {name for name, params in CASES if not chunkable(name, params)} == {"model_stock"}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if chunkable(*c)], ids=case_id)
+@pytest.mark.parametrize("family_name", ["tiny_family", "bf16_family"])
+def test_row_chunks_give_identical_bytes(case, family_name, request, tmp_path, monkeypatch):
+    family = request.getfixturevalue(family_name)
     monkeypatch.setattr(rng, "SEGMENT", 1000)  # several RNG segments per tensor, cut across chunk edges
-    whole = run(tiny_family, method, tmp_path / "whole")
+    whole = run(family, *case, tmp_path / "whole")
     monkeypatch.setattr(merge_core, "CHUNK_ELEMENTS", 700)  # every 2-D tensor of the tiny model is chunked
-    assert run(tiny_family, method, tmp_path / "chunked") == whole
+    assert run(family, *case, tmp_path / "chunked") == whole
+
+
+@pytest.mark.parametrize("case", [("ties", {"trim_scope": "global"}), ("dare_ties", {"rescale": "l1"}),
+                                  ("breadcrumbs", {}), ("ram_plus", {})], ids=case_id)
+def test_blocks_merged_on_threads_give_identical_bytes(case, bf16_family, tmp_path):
+    """A worker merges several blocks at once, one per thread; statistics passes included."""
+    one = run(bf16_family, *case, tmp_path / "one", block_size=16 * 1024)
+    assert len(one) > 6
+    assert run(bf16_family, *case, tmp_path / "threads", threads=3, block_size=16 * 1024) == one
+
+
+def test_chunking_is_really_exercised(bf16_family, tmp_path, monkeypatch):
+    """Sensitivity: the tensor phases run over chunks (a wrong chunk ranking would change the bytes)."""
+    calls = []
+    real = merge_core.chunked_tensor_stats
+    monkeypatch.setattr(merge_core, "chunked_tensor_stats", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(merge_core, "CHUNK_ELEMENTS", 700)
+    run(bf16_family, "breadcrumbs", {}, tmp_path / "out")
+    assert calls
 
 
 def test_uniform_numbers_depend_only_on_position(monkeypatch):
     monkeypatch.setattr(rng, "SEGMENT", 64)
     tensor = torch.empty(10, 37)
     whole = rng.uniform_like(tensor, 1, "w", 0)
-    pieces = [rng.uniform_like(torch.empty(rows, 37), 1, "w", 0, offset=start * 37, total=370)
+    pieces = [rng.uniform_like(torch.empty(rows, 37), 1, "w", 0, offset=start * 37)
               for start, rows in ((0, 3), (3, 4), (7, 3))]
     assert torch.equal(torch.cat(pieces), whole)
     assert not torch.equal(rng.uniform_like(tensor, 1, "w", 1), whole)

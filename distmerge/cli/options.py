@@ -41,7 +41,8 @@ def parse_size(text: str) -> int:
 
 def run_option_flags(model, skip: tuple[str, ...] = ()):
     """Click options generated from a pydantic model's fields: one definition, one docstring per setting."""
-    from typing import Literal, get_args, get_origin
+    import types
+    from typing import Literal, Union, get_args, get_origin
 
     def decorate(fn):
         for name, field in reversed(list(model.model_fields.items())):
@@ -49,6 +50,8 @@ def run_option_flags(model, skip: tuple[str, ...] = ()):
                 continue
             flag = "--" + name.replace("_", "-")
             annotation = field.annotation
+            if get_origin(annotation) in (Union, types.UnionType):  # `int | None`: the flag takes an int
+                annotation = next(a for a in get_args(annotation) if a is not type(None))
             kwargs = {"default": None, "help": f"{field.description} [default: {field.default}]"}
             if annotation is bool:
                 fn = click.option(f"{flag}/--no-{flag[2:]}", name, **kwargs)(fn)

@@ -31,7 +31,7 @@ def linear(inputs: MergeInputs, params: LinearParams, ctx: TensorContext) -> tor
     total_weight = sum(inputs.weights)
     summed = weighted_sum(inputs.deltas, inputs.weights)
     if not params.normalize:
-        return summed.add_(inputs.base, alpha=total_weight - 1.0)
+        return summed.add_(inputs.base * (total_weight - 1.0))  # no fused alpha: see weighted_sum
     return summed / total_weight
 
 

@@ -19,25 +19,38 @@ Consensus = Literal["sum", "ties"]
 
 
 def weighted_sum(taus: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_i w_i tau_i as a new fp32 tensor."""
-    total = torch.zeros_like(taus[0], dtype=torch.float32)
-    for tau, weight in zip(taus, weights, strict=True):
-        total.add_(tau, alpha=weight)
+    """sum_i w_i tau_i as a new fp32 tensor.
+
+    Scaling and adding are separate ops (not `add_(tau, alpha=w)`): torch's vectorized add with alpha is a
+    fused multiply-add while its scalar tail is not, so results would depend on where chunk and thread
+    boundaries fall."""
+    total = taus[0] * weights[0]
+    for tau, weight in zip(taus[1:], weights[1:], strict=True):
+        total.add_(tau if weight == 1.0 else tau * weight)
     return total
 
 
 def ties_disjoint_mean(taus: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """TIES: elect the sign of the weighted sum, then the weighted mean of the agreeing nonzero entries."""
-    elected = torch.sign(weighted_sum(taus, weights))
-    numerator = torch.zeros_like(elected)
-    denominator = torch.zeros_like(elected)
+    elected = weighted_sum(taus, weights).sign_()
+    numerator = denominator = None
     for tau, weight in zip(taus, weights, strict=True):
-        agree = (tau != 0) & (torch.sign(tau) == elected)
-        numerator.add_(torch.where(agree, tau, torch.zeros_like(tau)), alpha=weight)
-        denominator.add_(agree.to(denominator.dtype), alpha=weight)
-    has_agreement = denominator != 0
-    safe = torch.where(has_agreement, denominator, torch.ones_like(denominator))
-    return torch.where(has_agreement, numerator / safe, torch.zeros_like(numerator))
+        # tau * elected is exact (elected is -1, 0 or 1) and > 0 exactly when tau is nonzero with the elected
+        # sign: one comparison instead of three.
+        agree = (tau * elected) > 0
+        part = torch.where(agree, tau if weight == 1.0 else tau * weight, 0.0)
+        count = agree if weight == 1.0 else agree * weight
+        if numerator is None:
+            numerator, denominator = part, count.float()
+        else:
+            numerator.add_(part)
+            denominator.add_(count)
+    # Where nothing agrees the numerator is 0 and the result must be 0, not 0 / 0. With positive weights the
+    # denominator is 0 exactly there, so dividing by max(denominator, min weight) suffices.
+    if min(weights) > 0:
+        return numerator.div_(denominator.clamp_min_(min(weights)))
+    nothing = denominator == 0  # negative weights can cancel where entries do agree
+    return numerator.div_(denominator.masked_fill_(nothing, 1.0)).masked_fill_(nothing, 0.0)
 
 
 def combine(consensus: Consensus, taus: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -14,7 +14,9 @@
 | della_linear      | DELLA rank-based drop               | sum       |
 
 Random sparsifiers draw their numbers from `rng.uniform_like(tau, ctx.seed, ctx.name, i)`, so a mask is a
-pure function of (seed, tensor name, model index).
+pure function of (seed, tensor name, model index). Every variant can be merged in row chunks: what a
+sparsifier needs from the whole tensor (TIES's top-k threshold, the breadcrumbs band, DARE's L1 norms) comes
+from tensor phases with integer partials, so chunked and whole merges give the same bytes.
 """
 
 from __future__ import annotations
@@ -25,10 +27,17 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from distmerge.methods import sparsify, ties_global
+from distmerge.methods import exact, radix, sparsify, ties_global
 from distmerge.methods.consensus import Consensus, combine
 from distmerge.methods.params import DensityParams, ScaledParams, invalid
-from distmerge.methods.registry import MergeInputs, MergeMethod, StatsPhase, TensorContext, register
+from distmerge.methods.registry import (
+    MergeInputs,
+    MergeMethod,
+    PartialStats,
+    StatsPhase,
+    TensorContext,
+    register,
+)
 from distmerge.methods.rng import uniform_like
 
 Sparsifier = Callable[[torch.Tensor, Any, TensorContext, int], torch.Tensor]
@@ -137,21 +146,71 @@ class DellaLinearParams(DellaParams):
 def _ties_trim(tau: torch.Tensor, params: TiesParams, ctx: TensorContext, index: int) -> torch.Tensor:
     if params.trim_scope == "global":
         return sparsify.keep_above(tau, ties_global.thresholds(ctx.stats)[index])
-    return sparsify.magnitude_topk(tau, params.density)
+    return sparsify.magnitude_topk(tau, params.density, ties_global.tensor_threshold(ctx.stats, index))
 
 
 def _uniform(tau: torch.Tensor, ctx: TensorContext, index: int) -> torch.Tensor:
-    return uniform_like(tau, ctx.seed, ctx.name, index, offset=ctx.offset, total=ctx.numel)
+    return uniform_like(tau, ctx.seed, ctx.name, index, offset=ctx.offset)
+
+
+DARE_L1_KEY = "dare_l1_factors"
 
 
 def _dare(tau: torch.Tensor, params: DareParams, ctx: TensorContext, index: int) -> torch.Tensor:
-    return sparsify.dare_drop(tau, params.density, params.rescale, _uniform(tau, ctx, index))
+    factors = ctx.stats.get(DARE_L1_KEY)
+    return sparsify.dare_drop(tau, params.density, params.rescale, _uniform(tau, ctx, index),
+                              None if factors is None else factors[index])
+
+
+def _map_dare_l1(inputs: MergeInputs, params: DareParams, ctx: TensorContext) -> PartialStats:
+    return {"l1": torch.stack([sparsify.dare_l1_partials(tau, params.density, _uniform(tau, ctx, i))
+                               for i, tau in enumerate(inputs.deltas)])}
+
+
+def _finalize_dare_l1(summed: PartialStats, params: DareParams) -> dict[str, Any]:
+    return {DARE_L1_KEY: [sparsify.l1_rescale_factor(*map(exact.partial_value, partials))
+                          for partials in summed["l1"]]}
+
+
+DARE_L1_PHASES = (StatsPhase("dare_l1_norms", _map_dare_l1, _finalize_dare_l1),)
+
+BAND_KEY = "breadcrumbs_band"
+BAND_EQUAL_KEY = "breadcrumbs_equal_before"
+
+
+def _band_ranks(numel: int, params: BreadcrumbsParams) -> list[int]:
+    first, stop = sparsify.band_ranks(numel, params.density, params.gamma)
+    return [first, stop - 1] if first < stop else []
 
 
 def _breadcrumbs(
     tau: torch.Tensor, params: BreadcrumbsParams, ctx: TensorContext, index: int
 ) -> torch.Tensor:
-    return sparsify.breadcrumbs_band(tau, params.density, params.gamma)
+    if not radix.has_order_statistics(ctx.stats, BAND_KEY):
+        return sparsify.breadcrumbs_band(tau, params.density, params.gamma)
+    before = ctx.stats.get(BAND_EQUAL_KEY)
+    return sparsify.breadcrumbs_band(tau, params.density, params.gamma, numel=ctx.numel,
+                                     bounds=(*radix.order_statistics(ctx.stats, BAND_KEY)[index],),
+                                     equal_before=(0, 0) if before is None else (*before[index],))
+
+
+def _map_band_equal(inputs: MergeInputs, params: BreadcrumbsParams, ctx: TensorContext) -> PartialStats:
+    """How many entries of this chunk equal each band bound (a prefix phase: later chunks get the sums)."""
+    counts = []
+    for tau, bounds in zip(inputs.deltas, radix.order_statistics(ctx.stats, BAND_KEY), strict=True):
+        magnitudes = tau.abs()
+        counts.append(torch.tensor([int((magnitudes == b.value).sum()) for b in bounds], dtype=torch.int64))
+    return {"equal": torch.stack(counts)}
+
+
+def _finalize_band_equal(summed: PartialStats, params: BreadcrumbsParams) -> dict[str, Any]:
+    return {BAND_EQUAL_KEY: summed["equal"].tolist()}
+
+
+BAND_PHASES = (
+    *radix.order_statistic_phases(BAND_KEY, _band_ranks),
+    StatsPhase("breadcrumbs_equal_before", _map_band_equal, _finalize_band_equal, prefix=True),
+)
 
 
 def _della(tau: torch.Tensor, params: DellaParams, ctx: TensorContext, index: int) -> torch.Tensor:
@@ -167,17 +226,19 @@ def _register_variant(
     consensus: Consensus,
     doc: str,
     stats_phases: tuple[StatsPhase, ...] = (),
-    chunking=lambda params: "elements",
+    chunking: str = "elements",
+    tensor_phases=lambda params: (),
 ) -> None:
     def merge(inputs: MergeInputs, params: Any, ctx: TensorContext) -> torch.Tensor:
         return generalized_task_arithmetic(inputs, params, ctx, sparsifier, consensus)
 
     name = params_model.method_name
-    register(MergeMethod(name, params_model, merge, stats_phases=stats_phases, doc=doc, chunking=chunking))
+    register(MergeMethod(name, params_model, merge, stats_phases=stats_phases, doc=doc,
+                         chunking=lambda params: chunking, tensor_phases=tensor_phases))
 
 
-def _dare_chunking(params: DareParams) -> str:
-    return "elements" if params.rescale == "inverse_p" else "none"  # l1 rescale matches a whole-tensor norm
+def _dare_phases(params: DareParams) -> tuple[StatsPhase, ...]:
+    return DARE_L1_PHASES if params.rescale == "l1" else ()
 
 
 _register_variant(TaskArithmeticParams, None, "sum", "lambda * sum_i w_i tau_i.")
@@ -187,33 +248,33 @@ _register_variant(
     "ties",
     "TIES (arXiv 2306.01708): top-k trim by |tau|, sign election, disjoint weighted mean, times lambda.",
     stats_phases=ties_global.GLOBAL_TRIM_PHASES,
-    chunking=lambda params: "elements" if params.trim_scope == "global" else "none",
+    tensor_phases=lambda params: ties_global.TENSOR_TRIM_PHASES if params.trim_scope == "tensor" else (),
 )
 _register_variant(
     DareLinearParams, _dare, "sum", "DARE (arXiv 2311.03099) random drop and rescale, weighted sum.",
-    chunking=_dare_chunking,
+    tensor_phases=_dare_phases,
 )
 _register_variant(
     DareTiesParams, _dare, "ties", "DARE random drop and rescale, TIES sign election + disjoint mean.",
-    chunking=_dare_chunking,
+    tensor_phases=_dare_phases,
 )
 _register_variant(
     BreadcrumbsParams,
     _breadcrumbs,
     "sum",
     "Model breadcrumbs (arXiv 2312.06795): drop outliers and small entries, sum.",
-    chunking=lambda params: "none",  # per-tensor magnitude quantiles
+    tensor_phases=lambda params: BAND_PHASES,
 )
 _register_variant(
     BreadcrumbsTiesParams, _breadcrumbs, "ties", "Breadcrumbs band, TIES sign election + disjoint mean.",
-    chunking=lambda params: "none",
+    tensor_phases=lambda params: BAND_PHASES,
 )
 _register_variant(
     DellaParams,
     _della,
     "ties",
     "DELLA (arXiv 2406.11617): rank-based random drop per row, sign election + mean.",
-    chunking=lambda params: "rows",
+    chunking="rows",
 )
 _register_variant(DellaLinearParams, _della, "sum", "DELLA rank-based random drop per row, weighted sum.",
-                  chunking=lambda params: "rows")
+                  chunking="rows")

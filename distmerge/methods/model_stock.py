@@ -13,6 +13,7 @@ import itertools
 import torch
 
 from distmerge.methods.consensus import weighted_sum
+from distmerge.methods.exact import one_thread
 from distmerge.methods.registry import MergeInputs, MergeMethod, MethodParams, TensorContext, register
 
 
@@ -38,7 +39,9 @@ def interpolation_ratio(cos: float, num_models: int) -> float:
 
 def model_stock(inputs: MergeInputs, params: ModelStockParams, ctx: TensorContext) -> torch.Tensor:
     taus = inputs.deltas
-    ratio = interpolation_ratio(mean_pairwise_cosine(taus), len(taus))
+    with one_thread():
+        cosine = mean_pairwise_cosine(taus)
+    ratio = interpolation_ratio(cosine, len(taus))
     return weighted_sum(taus, [1.0] * len(taus)).mul_(ratio / len(taus))
 
 

@@ -116,12 +116,12 @@ def ram_combine(
     active_sum = torch.zeros_like(taus[0])
     scaled_sum = torch.zeros_like(taus[0])
     for tau, mask, scale in zip(taus, masks, unique_scales, strict=True):
-        active = torch.where(mask, tau, torch.zeros_like(tau))
+        active = torch.where(mask, tau, 0.0)
         active_sum += active
-        scaled_sum.add_(active, alpha=scale)
+        scaled_sum.add_(active if scale == 1.0 else active * scale)  # no fused alpha: see weighted_sum
     shared_mean = active_sum / count.clamp(min=1)
     return torch.where(
-        count >= 2, shared_mean, torch.where(count == 1, scaled_sum, torch.zeros_like(scaled_sum))
+        count >= 2, shared_mean, torch.where(count == 1, scaled_sum, 0.0)
     )
 
 
@@ -158,14 +158,26 @@ def ram_plus(inputs: MergeInputs, params: RamPlusParams, ctx: TensorContext) -> 
     return ram_combine(taus, masks, count, ctx.stats[LAMBDAS_KEY])
 
 
-def ram_plus_tensor(inputs: MergeInputs, params: RamPlusTensorParams, ctx: TensorContext) -> torch.Tensor:
-    taus = _weighted(inputs)
-    masks, count = _activity(taus, params.epsilon)
-    shared, unique = _overlap_counts(masks, count)
-    scales = [
+TENSOR_SCALES_KEY = "ram_plus_tensor_scales"
+
+
+def _tensor_scales(shared: Sequence[int], unique: Sequence[int], params: RamPlusTensorParams) -> list[float]:
+    return [
         1.0 + params.r * min(max(overlap_ratio(s, u), 0.0), params.alpha)
         for s, u in zip(shared, unique, strict=True)
     ]
+
+
+def _finalize_tensor_scales(summed: PartialStats, params: RamPlusTensorParams) -> dict[str, Any]:
+    return {TENSOR_SCALES_KEY: _tensor_scales(summed["shared"].tolist(), summed["unique"].tolist(), params)}
+
+
+def ram_plus_tensor(inputs: MergeInputs, params: RamPlusTensorParams, ctx: TensorContext) -> torch.Tensor:
+    taus = _weighted(inputs)
+    masks, count = _activity(taus, params.epsilon)
+    scales = ctx.stats.get(TENSOR_SCALES_KEY)  # from the tensor phase when merged in row chunks
+    if scales is None:
+        scales = _tensor_scales(*_overlap_counts(masks, count), params)
     return ram_combine(taus, masks, count, scales)
 
 
@@ -183,11 +195,14 @@ register(
         chunking=lambda params: "elements",  # lambda_i come from whole-checkpoint stats
     )
 )
+_TENSOR_PHASES = (StatsPhase("ram_plus_tensor_overlap_counts", _map_overlap, _finalize_tensor_scales),)
 register(
     MergeMethod(
         "ram_plus_tensor",
         RamPlusTensorParams,
         ram_plus_tensor,
         doc="Per-tensor RAM variant: lambda_i = 1 + r * clip(rho_i, 0, alpha), rho_i per tensor (not RAM+).",
+        chunking=lambda params: "elements",  # the per-tensor counts are integers: a tensor phase when chunked
+        tensor_phases=lambda params: _TENSOR_PHASES,
     )
 )

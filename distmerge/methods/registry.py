@@ -9,7 +9,11 @@ skill-vector injection (target = another model).
 Methods that need whole-checkpoint quantities (RAM+, global TIES trimming) declare statistics phases:
 each phase maps over every tensor to additive partials (counts, histograms, norms), the driver sums
 them, `finalize` turns the sums into the values the next phase or the merge reads from `ctx.stats`.
-No method does I/O, touches Ray, or keeps state between calls.
+Methods that need whole-*tensor* quantities (per-tensor top-k, quantile bands, L1 norms) declare tensor
+phases of the same shape: the executor runs them over the row chunks of a tensor too large to merge whole
+and passes the results in `ctx.stats`; for a whole tensor the method runs them itself
+(`stats.tensor_stats`). Their partials are integers (histograms, exact sums), so a chunked tensor gets
+exactly the bytes of a whole one. No method does I/O, touches Ray, or keeps state between calls.
 """
 
 from __future__ import annotations
@@ -71,6 +75,11 @@ class StatsPhase:
     map: MapFn
     finalize: FinalizeFn
     active: Callable[[Any], bool] | None = None
+    # Tensor phases only: instead of the total, each row chunk receives the sum of the partials of the chunks
+    # before it (`finalize` of those sums), e.g. how many entries equal to a threshold precede the chunk, to
+    # break ties by flat position; its map sees the other phases' totals. The first chunk and a whole tensor
+    # have nothing before them: the method treats a missing value as zero.
+    prefix: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,11 @@ class MergeMethod:
     # fails before any work instead of in the middle of a merge.
     check_weights: Callable[[Any, list[float]], None] | None = None
     # How the executor may split a large tensor to bound memory: "elements" (each entry's result depends only
-    # on that entry and ctx.stats), "rows" (only on its row), or "none" (on the whole tensor, e.g. per-tensor
-    # top-k or cosines). A callable of the params, since e.g. TIES is elementwise only with global trimming.
+    # on that entry and ctx.stats, tensor phases included), "rows" (only on its row), or "none" (on the whole
+    # tensor in a way no additive statistic captures, e.g. float cosines). A callable of the params.
     chunking: Callable[[Any], str] = lambda params: "none"
+    # Whole-tensor statistics these params need (see the module docstring), in order.
+    tensor_phases: Callable[[Any], tuple[StatsPhase, ...]] = lambda params: ()
 
     def parse_params(self, raw: Mapping[str, Any] | None) -> MethodParams:
         return self.params_model.model_validate(dict(raw or {}))

@@ -2,19 +2,25 @@
 
 Each function takes one fp32 task vector tau (any shape, any device) and returns a new tensor of the same
 shape; inputs are never modified. Random sparsifiers take their uniform numbers as an argument (see
-`rng.uniform_like`), so they stay pure and the caller decides the seeding.
+`rng.uniform_like`), so they stay pure and the caller decides the seeding. Quantities over the whole tensor
+(a top-k threshold, band bounds, an L1 norm) are computed here for a whole tensor, or passed in when the
+executor merges a large tensor in row chunks and computed them over all chunks (`radix`, `exact`).
 
-Tie rules, chosen so results never depend on the device or on sort internals:
+Tie rules, chosen so results never depend on the device, on sort internals or on how a tensor is chunked:
 - magnitude top-k and the global threshold keep every entry with |tau| >= the threshold, so when the k-th
   largest magnitude is repeated, all copies survive and slightly more than k entries may be kept;
-- breadcrumbs and DELLA rank entries with a stable sort, so equal magnitudes are ordered by flat position.
+- breadcrumbs and DELLA rank entries as a stable sort would, so equal magnitudes are ordered by flat position.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
+
+from distmerge.methods import exact
+from distmerge.methods.radix import OrderStatistic, tensor_order_statistics
 
 DareRescale = Literal["inverse_p", "l1"]
 
@@ -26,59 +32,123 @@ def keep_count(density: float, numel: int) -> int:
     return min(numel, max(1, round(density * numel)))
 
 
-def keep_above(tau: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
-    """Zero every entry with |tau| < threshold; entries equal to the threshold are kept."""
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+def keep_above(tau: torch.Tensor, threshold: float | torch.Tensor,
+               magnitudes: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero every entry with |tau| < threshold (`magnitudes`: |tau| if at hand); entries equal to it are kept."""
+    return torch.where((tau.abs() if magnitudes is None else magnitudes) >= threshold, tau, 0.0)
 
 
-def kth_largest_magnitude(tau: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest |tau| (1-based), as a 0-d tensor on tau's device."""
-    magnitudes = tau.abs().flatten()
-    return torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values
+def magnitude_topk(tau: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+    """TIES trim: keep the top round(density * numel) entries by |tau| (ties at the threshold all kept).
 
-
-def magnitude_topk(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim: keep the top round(density * numel) entries by |tau| (ties at the threshold all kept)."""
+    `threshold`: the k-th largest |tau| when the caller computed it over the whole tensor (chunked merges).
+    """
     k = keep_count(density, tau.numel())
+    if threshold is not None:
+        return keep_above(tau, threshold)
     if k == tau.numel():
         return tau.clone()
-    return keep_above(tau, kth_largest_magnitude(tau, k))
+    magnitudes = tau.abs()
+    return keep_above(tau, tensor_order_statistics(magnitudes, [k - 1])[0].value, magnitudes)
 
 
-def dare_drop(tau: torch.Tensor, density: float, rescale: DareRescale, uniform: torch.Tensor) -> torch.Tensor:
+def dare_keep(tau: torch.Tensor, density: float, uniform: torch.Tensor) -> torch.Tensor:
+    """DARE's drop: entries where uniform < density survive, unscaled."""
+    return torch.where(uniform < density, tau, 0.0)
+
+
+def l1_rescale_factor(tau_l1: float, kept_l1: float) -> float:
+    """||tau||_1 / ||kept||_1, 0 when nothing was kept (an all-dropped tensor stays zero)."""
+    return tau_l1 / kept_l1 if kept_l1 > 0 else 0.0
+
+
+def dare_l1_partials(tau: torch.Tensor, density: float, uniform: torch.Tensor) -> torch.Tensor:
+    """Exact L1 partials of tau and of its DARE survivors ([2, 256], see `exact`)."""
+    return exact.abs_sum_partial(tau, uniform < density)
+
+
+def dare_drop(tau: torch.Tensor, density: float, rescale: DareRescale, uniform: torch.Tensor,
+              l1_factor: float | None = None) -> torch.Tensor:
     """DARE: keep each entry where uniform < density, then rescale the survivors.
 
     `inverse_p` divides survivors by the keep probability (the paper); `l1` scales the kept vector so its
-    L1 norm matches the original tau's (mergekit's choice; an all-dropped tensor stays zero).
+    L1 norm matches the original tau's (mergekit's choice). Both norms are exact sums (`exact`), so the
+    factor does not depend on chunking or threads; `l1_factor` passes it in for a chunk of a large tensor.
     """
-    keep = uniform < density
-    kept = torch.where(keep, tau, torch.zeros_like(tau))
+    kept = dare_keep(tau, density, uniform)
     if rescale == "inverse_p":
-        return kept / density
-    kept_l1 = kept.abs().sum()
-    factor = torch.where(kept_l1 > 0, tau.abs().sum() / kept_l1, torch.zeros_like(kept_l1))
-    return kept * factor
+        return kept.div_(density)
+    if l1_factor is None:
+        l1_factor = l1_rescale_factor(*map(exact.partial_value, dare_l1_partials(tau, density, uniform)))
+    return kept.mul_(l1_factor)
 
 
-def breadcrumbs_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Model breadcrumbs: drop the top `gamma` fraction by |tau| and the bottom 1 - density - gamma fraction."""
-    numel = tau.numel()
+def band_ranks(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs keeps descending magnitude ranks [first, stop): the top gamma fraction and the bottom
+    1 - density - gamma fraction are dropped."""
     num_top = min(numel, round(gamma * numel))
     num_bottom = min(numel - num_top, max(0, round((1.0 - density - gamma) * numel)))
-    order = torch.sort(tau.abs().flatten(), descending=True, stable=True).indices
-    keep = torch.zeros(numel, dtype=torch.bool, device=tau.device)
-    keep[order[num_top : numel - num_bottom]] = True
-    return torch.where(keep.view(tau.shape), tau, torch.zeros_like(tau))
+    return num_top, numel - num_bottom
+
+
+def breadcrumbs_band(tau: torch.Tensor, density: float, gamma: float, *, numel: int | None = None,
+                     bounds: tuple[OrderStatistic, OrderStatistic] | None = None,
+                     equal_before: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Model breadcrumbs: drop the top `gamma` fraction by |tau| and the bottom 1 - density - gamma fraction.
+
+    Entries are ranked as a stable descending sort would rank them, without sorting: `bounds` are the order
+    statistics at ranks first and stop - 1 (computed here for a whole tensor); entries strictly between them
+    are kept, and entries equal to a bound are kept by their position among the equal ones. For a row chunk
+    of a large tensor the caller passes the whole tensor's `numel` and `bounds`, and `equal_before`: how many
+    entries equal to each bound precede the chunk.
+    """
+    first, stop = band_ranks(tau.numel() if numel is None else numel, density, gamma)
+    if first >= stop:
+        return torch.zeros_like(tau)
+    magnitudes = tau.abs()
+    if bounds is None:
+        bounds = (*tensor_order_statistics(magnitudes, [first, stop - 1]),)
+    top, bottom = bounds
+    keep = (magnitudes <= top.value) & (magnitudes >= bottom.value)
+    distinct = [(top, equal_before[0])] + ([(bottom, equal_before[1])] if bottom.value != top.value else [])
+    for bound, before in distinct:
+        if bound.value == 0.0:
+            continue  # zeros contribute nothing, kept or dropped: no tie to break
+        # The equal entries have ranks bound.greater + before + (their index among the equal ones here):
+        # those outside [first, stop) are dropped.
+        low, high = first - bound.greater - before, stop - bound.greater - before
+        if low > 0 or high < bound.equal - before:
+            positions = (magnitudes == bound.value).flatten().nonzero().squeeze(1)
+            dropped = torch.cat([positions[:max(low, 0)], positions[max(high, 0):]])
+            keep.view(-1)[dropped] = False
+    return torch.where(keep, tau, 0.0)
+
+
+def _row_order(tau: torch.Tensor) -> torch.Tensor:
+    """Per row (last dim), the column indices by increasing |tau|, equal magnitudes by column: [rows, n].
+
+    One sort of int64 keys (|tau| bit pattern, then column): unique keys order exactly as a stable sort of
+    the magnitudes, and sorting values alone (numpy's SIMD sort on CPU) is several times faster than a
+    stable argsort.
+    """
+    row_len = tau.shape[-1] if tau.dim() > 0 else 1
+    bits = tau.abs().reshape(-1, row_len).view(torch.int32).to(torch.int64)
+    keys = bits.bitwise_left_shift_(32).bitwise_or_(torch.arange(row_len, device=tau.device))
+    ordered = torch.from_numpy(np.sort(keys.numpy(), axis=-1)) if keys.is_cpu else torch.sort(keys, dim=-1).values
+    return ordered.bitwise_and_(0xFFFFFFFF)
+
+
+def _by_row_rank(tau: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """values[rank] at each entry, rank = its row magnitude rank (0 = smallest), shaped like tau."""
+    order = _row_order(tau)
+    return torch.empty(order.shape, dtype=values.dtype, device=tau.device).scatter_(
+        -1, order, values.expand_as(order)).view(tau.shape)
 
 
 def row_magnitude_ranks(tau: torch.Tensor) -> torch.Tensor:
     """Rank of each entry by |tau| within its row (last dim; rank 0 = smallest), shaped like tau."""
     row_len = tau.shape[-1] if tau.dim() > 0 else 1
-    rows = tau.abs().reshape(-1, row_len)
-    order = torch.sort(rows, dim=-1, stable=True).indices
-    positions = torch.arange(row_len, device=tau.device).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(-1, order, positions)
-    return ranks.view(tau.shape)
+    return _by_row_rank(tau, torch.arange(row_len, device=tau.device))
 
 
 def della_drop(tau: torch.Tensor, density: float, epsilon: float, uniform: torch.Tensor) -> torch.Tensor:
@@ -90,6 +160,6 @@ def della_drop(tau: torch.Tensor, density: float, epsilon: float, uniform: torch
     if row_len == 1:
         keep_prob = torch.full_like(tau, density)
     else:
-        ranks = row_magnitude_ranks(tau).to(torch.float32)
-        keep_prob = (density - epsilon) + (2.0 * epsilon / (row_len - 1)) * ranks
-    return torch.where(uniform < keep_prob, tau / keep_prob, torch.zeros_like(tau))
+        ranks = torch.arange(row_len, dtype=torch.float32, device=tau.device)
+        keep_prob = _by_row_rank(tau, (density - epsilon) + (2.0 * epsilon / (row_len - 1)) * ranks)
+    return torch.where(uniform < keep_prob, tau / keep_prob, 0.0)

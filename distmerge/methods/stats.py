@@ -1,16 +1,20 @@
-"""Reference driver for statistics phases: map over every tensor, sum, finalize, phase after phase.
+"""Drivers for statistics phases: map, sum, finalize, phase after phase.
 
-Distributed executors do the same with the map spread over workers; `sum_partials` is the reduction
-they share, and this single-process loop is what their results are compared against.
+`run_stats_phases` is the reference for whole-checkpoint phases (distributed executors do the same with the
+map spread over workers; `sum_partials` is the reduction they share). `chunked_tensor_stats` and
+`with_prefix_stats` run a method's tensor phases over the row chunks of one large tensor, in order: executors
+call them around merging the chunks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
-from distmerge.methods.registry import MergeInputs, MergeMethod, PartialStats, TensorContext
+from distmerge.methods.registry import MergeInputs, MergeMethod, PartialStats, StatsPhase, TensorContext
+
+T = TypeVar("T")
 
 
 def sum_partials(partials: Iterable[PartialStats]) -> PartialStats:
@@ -43,3 +47,45 @@ def run_stats_phases(
         summed = sum_partials(phase.map(inputs, params, with_stats(ctx, stats)) for inputs, ctx in tensors())
         stats.update(phase.finalize(summed, params))
     return stats
+
+
+def chunked_tensor_stats(
+    phases: Sequence[StatsPhase],
+    params: Any,
+    pieces: Callable[[], Iterable[tuple[MergeInputs, TensorContext]]],
+) -> dict[str, Any]:
+    """The totals of a tensor's phases (prefix phases excepted) over its row chunks: one pass per phase.
+
+    `pieces()` yields the chunks' (inputs, ctx) in order, afresh on each call.
+    """
+    totals: dict[str, Any] = {}
+    for phase in phases:
+        if not phase.prefix:
+            partials = (phase.map(inputs, params, with_stats(ctx, totals)) for inputs, ctx in pieces())
+            totals.update(phase.finalize(sum_partials(partials), params))
+    return totals
+
+
+def with_prefix_stats(
+    phases: Sequence[StatsPhase],
+    params: Any,
+    items: Iterable[tuple[T, MergeInputs, TensorContext]],
+    totals: Mapping[str, Any],
+) -> Iterator[tuple[T, dict[str, Any]]]:
+    """Each chunk (with its payload) and the stats to merge into its ctx: the totals, and per prefix phase the
+    finalized sum of the chunks before it (none for the first chunk: methods read a missing value as zero).
+
+    A chunk's own prefix partial is computed when the caller asks for the next chunk, after using this one, so
+    prefix phases cost no pass of their own over the tensor (the caller must not modify the inputs).
+    """
+    prefix = [phase for phase in phases if phase.prefix]
+    running: dict[str, PartialStats] = {}
+    for payload, inputs, ctx in items:
+        stats = dict(totals)
+        for phase in prefix:
+            if phase.name in running:
+                stats.update(phase.finalize(running[phase.name], params))
+        yield payload, stats
+        for phase in prefix:
+            partial = phase.map(inputs, params, with_stats(ctx, totals))
+            running[phase.name] = sum_partials([running[phase.name], partial] if phase.name in running else [partial])

@@ -1,0 +1,61 @@
+"""Exact sums of |x| over fp32 tensors, as integer partials.
+
+A float sum depends on the order of its additions: on how a tensor is cut into row chunks and on how many
+threads reduce it. Methods whose result must not depend on either (DARE's L1 rescale) sum magnitudes
+exactly instead: every fp32 value is an integer number of units 2^(exponent - 150), so a partial holds, per
+biased exponent, the integer sum of the units (`abs_sum_partial`, int64 [256]: 2^39 entries of < 2^24 units
+fit). Partials add exactly, in any order; `partial_value` turns one into the correctly rounded float.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+NUM_EXPONENTS = 256
+# A float64 sum of values of one exponent stays exact below 2^53 units: 2^29 values of < 2^24 units.
+_MAX_ELEMENTS_PER_CALL = 1 << 29
+# 1 / (the unit of biased exponent e) = 2^(150 - max(e, 1)): subnormals (e = 0) share exponent 1's unit.
+_UNITS_PER_VALUE = torch.tensor([2.0 ** (150 - max(e, 1)) for e in range(NUM_EXPONENTS)], dtype=torch.float64)
+
+
+def abs_sum_partial(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Per biased exponent, the sum of |x| in units of that exponent (int64 [256], on CPU); with a bool `keep`
+    shaped like x, the partials of all entries and of the kept ones (int64 [2, 256]).
+
+    Within one exponent every |x| is an integer number (< 2^24) of units, so a float64 sum of up to 2^29 of
+    them is exact whatever the order: bincount sums each exponent's values, then they become integers.
+    """
+    magnitudes = x.detach().abs().flatten()
+    slot = magnitudes.view(torch.int32) >> 23
+    buckets = 1
+    if keep is not None:
+        slot = slot.add_(keep.flatten(), alpha=NUM_EXPONENTS)
+        buckets = 2
+    units = torch.zeros(buckets, NUM_EXPONENTS, dtype=torch.int64)
+    for start in range(0, magnitudes.numel(), _MAX_ELEMENTS_PER_CALL):
+        part = slice(start, start + _MAX_ELEMENTS_PER_CALL)
+        sums = torch.bincount(slot[part], weights=magnitudes[part].double(), minlength=buckets * NUM_EXPONENTS)
+        units += (sums.cpu().view(buckets, NUM_EXPONENTS) * _UNITS_PER_VALUE).to(torch.int64)
+    return units[0] if keep is None else torch.stack([units[0] + units[1], units[1]])
+
+
+def partial_value(partial: torch.Tensor) -> float:
+    """The exact sum a partial stands for, rounded once to the nearest float."""
+    scaled = sum(int(s) << (max(e, 1) - 1) for e, s in enumerate(partial.tolist()) if s)  # units of 2^-149
+    return math.ldexp(float(scaled), -149)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run float reductions that have no exact form here (cosines, LiNeS norms) on one intra-op thread: torch
+    splits a reduction by thread, so its rounding would otherwise depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

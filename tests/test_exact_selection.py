@@ -1,0 +1,120 @@
+"""The whole-tensor statistics that let every method merge in row chunks: exact order statistics (radix
+passes), exact L1 sums, the breadcrumbs band ranked like a stable sort, DELLA row ranks, and method outputs
+that do not depend on the thread count or on how a tensor is cut into chunks.
+
+References are computed the slow obvious way (sorts, Python fractions), never with the code under test.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+import torch
+
+from distmerge.methods import MergeInputs, TensorContext, exact, get_method, method_names, radix
+from distmerge.methods.sparsify import band_ranks, breadcrumbs_band, row_magnitude_ranks
+from distmerge.methods.stats import chunked_tensor_stats, with_prefix_stats, with_stats
+
+
+def tie_heavy(*shape, seed=0) -> torch.Tensor:
+    """Values on a coarse grid (many exact repeats, like differences of bf16 weights), some zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(-40, 41, shape, generator=gen).float() * 0.125
+    values.view(-1)[::7] = 0.0
+    return values
+
+
+def stable_band_reference(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    numel = tau.numel()
+    first, stop = band_ranks(numel, density, gamma)
+    order = torch.sort(tau.abs().flatten(), descending=True, stable=True).indices
+    keep = torch.zeros(numel, dtype=torch.bool)
+    keep[order[first:stop]] = True
+    return torch.where(keep.view(tau.shape), tau, torch.zeros_like(tau))
+
+
+@pytest.mark.parametrize("numel", [1000, 200_000])  # the sort path and the histogram path
+def test_order_statistics_are_exact(numel):
+    tau = tie_heavy(numel) * torch.logspace(-3, 3, numel)  # several exponents, and repeats
+    ordered = tau.abs().sort(descending=True).values
+    for rank in (0, 1, numel // 3, numel - 1):
+        stat = radix.tensor_order_statistics(tau.abs(), [rank])[0]
+        assert stat.value == ordered[rank].item()
+        assert stat.greater == int((tau.abs() > stat.value).sum())
+        assert stat.equal == int((tau.abs() == stat.value).sum())
+
+
+def test_order_statistic_phases_over_chunks_match_the_whole_tensor():
+    tau = tie_heavy(300, 500)
+    phases = radix.order_statistic_phases("t", lambda numel, params: [7, numel // 2, numel - 1])
+    pieces = [MergeInputs(torch.zeros(100, 500), [tau[i:i + 100]], [1.0]) for i in (0, 100, 200)]
+    totals = chunked_tensor_stats(phases, None, lambda: ((p, TensorContext("t")) for p in pieces))
+    whole = radix.tensor_order_statistics(tau.abs(), [7, tau.numel() // 2, tau.numel() - 1])
+    assert radix.order_statistics(totals, "t")[0] == whole
+
+
+def test_exact_abs_sum_ignores_order_and_cut():
+    x = torch.randn(50_000) * torch.logspace(-40, 30, 50_000)  # subnormals to huge values
+    reference = float(sum(Fraction(abs(v)) for v in x.tolist()))
+    assert exact.partial_value(exact.abs_sum_partial(x)) == reference
+    cut = exact.abs_sum_partial(x[:12345]) + exact.abs_sum_partial(x[12345:].flip(0))
+    assert exact.partial_value(cut) == reference
+
+
+@pytest.mark.parametrize("density,gamma", [(0.9, 0.01), (0.5, 0.2), (0.3, 0.0), (0.05, 0.9), (1.0, 0.0)])
+def test_breadcrumbs_band_ranks_like_a_stable_sort(density, gamma):
+    tau = tie_heavy(64, 90)
+    assert torch.equal(breadcrumbs_band(tau, density, gamma), stable_band_reference(tau, density, gamma))
+
+
+@pytest.mark.parametrize("density,gamma", [(0.9, 0.01), (0.5, 0.2), (0.3, 0.1)])
+def test_breadcrumbs_merged_in_chunks_equals_whole(density, gamma):
+    """The executor's path: tensor phases over the chunks (prefix counts break ties), then each chunk."""
+    taus = [tie_heavy(64, 90, seed=s) for s in range(3)]
+    method = get_method("breadcrumbs")
+    params = method.parse_params({"density": density, "gamma": gamma})
+    whole = method.merge(MergeInputs(torch.zeros(64, 90), taus, [1.0] * 3), params, TensorContext("w"))
+    rows = [(0, 10), (10, 11), (11, 40), (40, 64)]
+
+    def pieces():
+        for start, stop in rows:
+            ctx = TensorContext("w", offset=start * 90, numel=64 * 90)
+            yield MergeInputs(torch.zeros(stop - start, 90), [t[start:stop] for t in taus], [1.0] * 3), ctx
+
+    phases = method.tensor_phases(params)
+    totals = chunked_tensor_stats(phases, params, pieces)
+    items = ((ctx, inputs, ctx) for inputs, ctx in pieces())
+    chunks, befores = [], []
+    for (inputs, _), (ctx, stats) in zip(pieces(), with_prefix_stats(phases, params, items, totals), strict=True):
+        chunks.append(method.merge(inputs, params, with_stats(ctx, stats)))
+        befores.append(stats.get("breadcrumbs_equal_before"))
+    assert torch.equal(torch.cat(chunks), whole)
+    assert any(b and any(x > 0 for row in b for x in row) for b in befores)  # ties straddled a chunk edge
+
+
+def test_row_ranks_match_a_stable_argsort():
+    tau = tie_heavy(50, 33)
+    reference = torch.sort(tau.abs(), dim=-1, stable=True).indices.argsort(dim=-1)
+    assert torch.equal(row_magnitude_ranks(tau), reference)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_outputs_do_not_depend_on_the_thread_count(name):
+    """Large enough tensors that torch splits every op across threads; float reductions must not care."""
+    method = get_method(name)
+    params = method.parse_params({"rescale": "l1"} if name.startswith("dare") else {})
+    taus = [torch.randn(300, 400, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    inputs = MergeInputs(torch.randn(300, 400), taus, [1.0, 0.7, 1.3])
+    ctx = TensorContext("w", seed=1, stats={"ram_plus_lambdas": [1.1, 1.2, 1.0]})
+    if name == "ties":
+        params = method.parse_params({"trim_scope": "tensor"})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = method.merge(inputs, params, ctx)
+        torch.set_num_threads(4)
+        four = method.merge(inputs, params, ctx)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, four)
