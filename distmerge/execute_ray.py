@@ -7,8 +7,8 @@ a shard record), never tensors. The driver keeps at most `in_flight_per_worker` 
 requeued on a replacement actor; blocks are idempotent (a retried shard is rewritten from scratch under the
 staging prefix), so the output is byte-identical whatever failed.
 
-A local Ray started here is lean (`local_ray_init_kwargs`): no dashboard unless asked, a small object store,
-no idle workers prestarted (each would be one more Python process of ~80 MB), one actor per worker. Each
+A local Ray started for a merge is lean (`local_ray`): no dashboard unless asked, a small object store, no
+idle workers prestarted (each would be one more Python process of ~80 MB), one actor per worker. Each
 actor merges `worker_threads(options)` blocks at once, each on one thread (a threaded actor; torch ops
 release the GIL): on a local Ray the machine's cores are shared among the workers, so one worker uses them
 all and two do not oversubscribe them. Block-level threads beat torch's intra-op threads here: they also
@@ -19,7 +19,6 @@ wait on each other inside an op.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -29,22 +28,19 @@ from typing import Any
 
 import ray
 
+from distmerge.allocator import keep_freed_memory
 from distmerge.errors import MergeError
 from distmerge.faults import fault_env
+from distmerge.local_ray import cluster_address, ensure_ray
 from distmerge.merge_core import BlockMerger, MergeJob
 from distmerge.methods.registry import PartialStats
-from distmerge.options import RunOptions, machine_cpus, worker_threads
+from distmerge.options import RunOptions, worker_threads
 from distmerge.plan import Block
 from distmerge.staging import save_record
 from distmerge.storage import Location
 from distmerge.writer import ShardRecord
 
 log = logging.getLogger(__name__)
-
-# A local Ray started by distmerge caps its object store: only manifests and the plan travel through it
-# (Ray's minimum is 75 MiB).
-LOCAL_OBJECT_STORE_BYTES = 80 * 1024**2
-
 
 class BlockTimeout(Exception):
     """A block ran past RunOptions.block_timeout: its worker is presumed hung."""
@@ -62,6 +58,7 @@ class MergeWorker:
         import torch
 
         torch.set_num_threads(1)  # parallelism comes from blocks on threads (see the module docstring)
+        keep_freed_memory()  # this process exists to merge (see distmerge.allocator)
         self.jobs: dict[str, tuple[BlockMerger, Location, dict[int, Block]]] = {}
         self._lock = threading.Lock()
 
@@ -97,8 +94,8 @@ class WorkerPool:
     def __init__(self, options: RunOptions, device: str):
         self.options = options
         self.device = device
-        self._started_ray = _ensure_ray(options)
-        self.threads = worker_threads(options, local=self._started_ray and not _cluster_address(options))
+        self._started_ray = ensure_ray(options)
+        self.threads = worker_threads(options, local=self._started_ray and not cluster_address(options))
         self.pool_id = uuid.uuid4().hex[:8]
         self._spawned = 0
         self.actors = [self._spawn() for _ in range(options.workers)]
@@ -228,31 +225,3 @@ class RayExecutor:
                 self.pool.actors[slot].release.remote(self.job_id)
             except ray.exceptions.RayError:
                 pass
-
-
-def _ensure_ray(options: RunOptions) -> bool:
-    """Connect to the cluster in use, the one named by --address, or start a local one. True if started."""
-    if ray.is_initialized():
-        return False
-    address = _cluster_address(options)
-    if address:
-        ray.init(address=address, namespace="distmerge", log_to_driver=True)
-        return True
-    ray.init(**local_ray_init_kwargs(options))
-    return True
-
-
-def _cluster_address(options: RunOptions) -> str | None:
-    return options.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
-
-
-def local_ray_init_kwargs(options: RunOptions) -> dict[str, Any]:
-    """`ray.init` arguments for the local Ray a merge starts (the benchmark's Ray baseline uses them too)."""
-    cpus = max(machine_cpus(), math.ceil(options.workers * options.cpus_per_worker))
-    dashboard = {"dashboard_host": "127.0.0.1"} if options.dashboard else {}
-    return dict(
-        num_cpus=cpus, include_dashboard=options.dashboard, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        namespace="distmerge", log_to_driver=True,
-        # Ray starts one idle Python worker per CPU when the driver connects; the actors start their own.
-        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False}, **dashboard,
-    )

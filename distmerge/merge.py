@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -77,8 +78,31 @@ def run_merge(recipe: Recipe, options: RunOptions | None = None, *, write_delta:
     executor = _make_executor(job, writer.staging, options, device, pool)
     try:
         stats, reused, records = _execute(job, state, executor, options)
-    finally:
+    except BaseException:
         executor.close()
+        raise
+    # Stopping the workers (and a local Ray) takes a second or two of waiting: overlap it with the commit.
+    closing = threading.Thread(target=_close, args=(executor,), name="distmerge-close")
+    closing.start()
+    try:
+        result = _publish(recipe, options, plan, job, writer, stats, reused, records, write_delta, device, start)
+    finally:
+        closing.join()
+    log.info("merged %s in %.1fs (%d blocks, %d reused)", recipe.output, result.seconds, len(plan.blocks), reused)
+    return result
+
+
+def _close(executor) -> None:
+    try:
+        executor.close()
+    except Exception:  # the merge's outcome does not depend on it; say so and go on
+        log.warning("stopping the merge workers failed", exc_info=True)
+
+
+def _publish(recipe: Recipe, options: RunOptions, plan: Plan, job: MergeJob, writer: CheckpointWriter,
+             stats: dict[str, Any], reused: int, records: dict, write_delta: bool, device: str,
+             start: float) -> MergeResult:
+    """Provenance, model card and the atomic commit (index last)."""
     run_info = {"kind": "vector" if write_delta else "merge", "workers": options.workers, "device": device, "block_size": options.block_size,
                 "seconds": round(time.perf_counter() - start, 3), "reused_blocks": reused}
     provenance = build_provenance(recipe.canonical(), plan, json_safe(stats), run_info)
@@ -88,8 +112,7 @@ def run_merge(recipe: Recipe, options: RunOptions | None = None, *, write_delta:
     writer.commit(list(records.values()), [*aux, PROVENANCE_NAME, MODEL_CARD_NAME],
                   check_hash=options.verify == "sha256", metadata={"distmerge_plan": plan.hash()})
     seconds = time.perf_counter() - start
-    log.info("merged %s in %.1fs (%d blocks, %d reused)", recipe.output, seconds, len(plan.blocks), reused)
-    return MergeResult(output.url, plan.hash(), len(plan.blocks), reused, plan.total_bytes, seconds, stats)
+    return MergeResult(writer.output.url, plan.hash(), len(plan.blocks), reused, plan.total_bytes, seconds, stats)
 
 
 def _execute(job: MergeJob, state: StagingState, executor, options: RunOptions):

@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from distmerge.plan import DEFAULT_BLOCK_SIZE
+# Output bytes per block (= per output shard) unless --block-size says otherwise.
+DEFAULT_BLOCK_SIZE = 256 * 1024**2
 
 
 class RunOptions(BaseModel):

@@ -21,11 +21,11 @@ import torch
 from distmerge import architecture
 from distmerge.checkpoint import CheckpointIndex
 from distmerge.errors import MergeError
+from distmerge.options import DEFAULT_BLOCK_SIZE
 from distmerge.safetensors_format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, dtype_size
 from distmerge.writer import pack_shards, shard_file_name
 
 PLAN_VERSION = 1
-DEFAULT_BLOCK_SIZE = 256 * 1024**2
 
 
 @dataclass(frozen=True)

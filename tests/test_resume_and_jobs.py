@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -164,3 +166,23 @@ def test_ray_job_submit_runs_pipeline_and_failures_fail_the_job(ray_head, tiny_f
     assert failed.returncode != 0
     logs = failed.stdout + failed.stderr
     assert "missing-model" in logs and "not found" in logs and "failed" in logs, logs[-4000:]
+
+
+def test_cli_merge_on_its_own_local_ray_matches_the_single_process_merge(tiny_family, tmp_path):
+    """`distmerge merge --workers N` starts its local Ray early (while torch imports), merges on it and stops
+    it: the same bytes as without Ray, and no Ray process of its own left behind."""
+    recipe = write_recipe(tmp_path, tiny_family, str(tmp_path / "local"), method="ties")
+    local = distmerge("merge", str(recipe), "--block-size", "64KiB", "--no-progress")
+    assert local.returncode == 0, local.stderr[-2000:]
+    # This merge's Ray keeps its sockets and logs here (a short path: sockets are limited to 107 bytes), and
+    # its processes name it on their command lines.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dm-ray-", dir="/tmp"))
+    on_ray = distmerge("merge", str(recipe), "--output", str(tmp_path / "ray-out"), "--workers", "2",
+                       "--cpus-per-worker", "0.5", "--block-size", "64KiB", "--no-progress",
+                       env={"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""})
+    assert on_ray.returncode == 0, on_ray.stderr[-2000:]
+    assert "published" in on_ray.stdout
+    assert shards(tmp_path / "ray-out") == shards(tmp_path / "local")
+    leftovers = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert leftovers == [], f"Ray processes left behind: {leftovers}"

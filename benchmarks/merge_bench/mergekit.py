@@ -103,7 +103,8 @@ def compare_outputs(dm_dir: Path, mk_dir: Path, base_dir: Path) -> dict:
         if float(diff.max()) > max_abs:
             max_abs, worst = float(diff.max()), name
     per_tensor.sort(reverse=True)
-    return {"max_abs_diff": max_abs, "equal_fraction": equal / max(total, 1), "max_abs_merged_delta": max_delta,
+    return {"max_abs_diff": max_abs, "equal_fraction": equal / max(total, 1), "differing_entries": total - equal,
+            "entries": total, "max_abs_merged_delta": max_delta,
             "worst_tensor": worst, "tensors_compared": len(set(dm) & set(mk)), "tensors_differing": len(per_tensor),
             "most_differing": [{"tensor": n, "differing_fraction": round(f, 6), "max_abs_diff": d}
                                for f, n, d in per_tensor[:3]],

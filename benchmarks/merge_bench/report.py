@@ -159,8 +159,9 @@ def markdown(report: dict) -> str:
                 lines.append(f"- {method}: not compared: {c['skipped']}")
             else:
                 lines.append(f"- {method}: max abs diff {c['max_abs_diff']:.3e} (largest merged delta "
-                             f"{c['max_abs_merged_delta']:.3e}), {100 * c['equal_fraction']:.4f}% of entries equal, "
-                             f"{c['tensors_differing']}/{c['tensors_compared']} tensors differ")
+                             f"{c['max_abs_merged_delta']:.3e}); {c['differing_entries']} of {c['entries']} entries "
+                             f"differ (equal fraction {c['equal_fraction']:.6f}), in {c['tensors_differing']} of "
+                             f"{c['tensors_compared']} tensors")
     if report["method_notes"]:
         lines += ["", "## Method notes", ""] + [f"- {m}: {note}" for m, note in report["method_notes"].items()]
     return "\n".join(lines) + "\n"

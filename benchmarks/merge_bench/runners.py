@@ -106,7 +106,7 @@ def ray_baseline_worker(workers: int) -> None:
     import ray
 
     import distmerge
-    from distmerge.execute_ray import local_ray_init_kwargs
+    from distmerge.local_ray import local_ray_init_kwargs
     from distmerge.options import RunOptions
 
     options = RunOptions(workers=workers)

@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from distmerge.methods.select import keep
+
 Consensus = Literal["sum", "ties"]
 
 
@@ -38,7 +40,7 @@ def ties_disjoint_mean(taus: Sequence[torch.Tensor], weights: Sequence[float]) -
         # tau * elected is exact (elected is -1, 0 or 1) and > 0 exactly when tau is nonzero with the elected
         # sign: one comparison instead of three.
         agree = (tau * elected) > 0
-        part = torch.where(agree, tau if weight == 1.0 else tau * weight, 0.0)
+        part = keep(agree, tau if weight == 1.0 else tau * weight)
         count = agree if weight == 1.0 else agree * weight
         if numerator is None:
             numerator, denominator = part, count.float()

@@ -30,6 +30,7 @@ from distmerge.methods.registry import (
     TensorContext,
     register,
 )
+from distmerge.methods.select import choose, keep
 
 LAMBDAS_KEY = "ram_plus_lambdas"
 
@@ -116,13 +117,11 @@ def ram_combine(
     active_sum = torch.zeros_like(taus[0])
     scaled_sum = torch.zeros_like(taus[0])
     for tau, mask, scale in zip(taus, masks, unique_scales, strict=True):
-        active = torch.where(mask, tau, 0.0)
+        active = keep(mask, tau)
         active_sum += active
         scaled_sum.add_(active if scale == 1.0 else active * scale)  # no fused alpha: see weighted_sum
     shared_mean = active_sum / count.clamp(min=1)
-    return torch.where(
-        count >= 2, shared_mean, torch.where(count == 1, scaled_sum, 0.0)
-    )
+    return choose(count >= 2, shared_mean, keep(count == 1, scaled_sum))
 
 
 def ram(inputs: MergeInputs, params: RamParams, ctx: TensorContext) -> torch.Tensor:

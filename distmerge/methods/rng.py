@@ -28,10 +28,18 @@ def mask_seed(seed: int, name: str, index: int, segment: int = 0) -> int:
 
 
 def segment_uniform(seed: int, name: str, index: int, segment: int, start: int, stop: int) -> torch.Tensor:
-    """Numbers [start, stop) of one segment's stream of uniform [0, 1) fp32 numbers."""
+    """Numbers [start, stop) of one segment's stream of uniform [0, 1) fp32 numbers.
+
+    The stream is numpy's `Generator(PCG64).random(dtype=float32)`: each number is the next 32 random bits
+    (the low half of a 64-bit step, then the high half) shifted right by 8, times 2^-24. Built here from the raw
+    64-bit steps, which gives the same numbers at less than half the cost.
+    """
     bit_generator = np.random.PCG64(mask_seed(seed, name, index, segment))
     bit_generator.advance(start // 2)  # two numbers per step: land on the step holding number `start`
-    values = np.random.Generator(bit_generator).random(stop - start + start % 2, dtype=np.float32)
+    count = stop - start + start % 2
+    words = bit_generator.random_raw((count + 1) // 2).astype("<u8", copy=False).view("<u4")[:count]
+    values = (words >> 8).astype(np.float32)
+    values *= np.float32(2.0**-24)
     return torch.from_numpy(values[start % 2:])
 
 

@@ -21,6 +21,7 @@ import torch
 
 from distmerge.methods import exact
 from distmerge.methods.radix import OrderStatistic, tensor_order_statistics
+from distmerge.methods.select import keep
 
 DareRescale = Literal["inverse_p", "l1"]
 
@@ -35,7 +36,7 @@ def keep_count(density: float, numel: int) -> int:
 def keep_above(tau: torch.Tensor, threshold: float | torch.Tensor,
                magnitudes: torch.Tensor | None = None) -> torch.Tensor:
     """Zero every entry with |tau| < threshold (`magnitudes`: |tau| if at hand); entries equal to it are kept."""
-    return torch.where((tau.abs() if magnitudes is None else magnitudes) >= threshold, tau, 0.0)
+    return keep((tau.abs() if magnitudes is None else magnitudes) >= threshold, tau)
 
 
 def magnitude_topk(tau: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
@@ -54,7 +55,7 @@ def magnitude_topk(tau: torch.Tensor, density: float, threshold: float | None = 
 
 def dare_keep(tau: torch.Tensor, density: float, uniform: torch.Tensor) -> torch.Tensor:
     """DARE's drop: entries where uniform < density survive, unscaled."""
-    return torch.where(uniform < density, tau, 0.0)
+    return keep(uniform < density, tau)
 
 
 def l1_rescale_factor(tau_l1: float, kept_l1: float) -> float:
@@ -109,7 +110,7 @@ def breadcrumbs_band(tau: torch.Tensor, density: float, gamma: float, *, numel: 
     if bounds is None:
         bounds = (*tensor_order_statistics(magnitudes, [first, stop - 1]),)
     top, bottom = bounds
-    keep = (magnitudes <= top.value) & (magnitudes >= bottom.value)
+    kept = (magnitudes <= top.value) & (magnitudes >= bottom.value)
     distinct = [(top, equal_before[0])] + ([(bottom, equal_before[1])] if bottom.value != top.value else [])
     for bound, before in distinct:
         if bound.value == 0.0:
@@ -120,8 +121,8 @@ def breadcrumbs_band(tau: torch.Tensor, density: float, gamma: float, *, numel: 
         if low > 0 or high < bound.equal - before:
             positions = (magnitudes == bound.value).flatten().nonzero().squeeze(1)
             dropped = torch.cat([positions[:max(low, 0)], positions[max(high, 0):]])
-            keep.view(-1)[dropped] = False
-    return torch.where(keep, tau, 0.0)
+            kept.view(-1)[dropped] = False
+    return keep(kept, tau)
 
 
 def _row_order(tau: torch.Tensor) -> torch.Tensor:
@@ -162,4 +163,4 @@ def della_drop(tau: torch.Tensor, density: float, epsilon: float, uniform: torch
     else:
         ranks = torch.arange(row_len, dtype=torch.float32, device=tau.device)
         keep_prob = _by_row_rank(tau, (density - epsilon) + (2.0 * epsilon / (row_len - 1)) * ranks)
-    return torch.where(uniform < keep_prob, tau / keep_prob, 0.0)
+    return keep(uniform < keep_prob, tau / keep_prob)
