@@ -12,7 +12,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from distmerge.methods import MergeInputs, TensorContext, exact, get_method, method_names, radix
+from distmerge.methods import MergeInputs, TensorContext, exact, get_method, method_names, radix, select
 from distmerge.methods.sparsify import band_ranks, breadcrumbs_band, row_magnitude_ranks
 from distmerge.methods.stats import chunked_tensor_stats, with_prefix_stats, with_stats
 
@@ -118,3 +118,35 @@ def test_outputs_do_not_depend_on_the_thread_count(name):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, four)
+
+
+SPECIALS = [1.0, -2.0, float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 3e-45, -1e38]
+
+
+@pytest.mark.parametrize("pattern", ["mixed", "all", "none"])
+def test_bitwise_selection_gives_torch_where_bits(pattern):
+    """select.keep / select.choose replace torch.where in every method: the same bits, NaN and -0.0 included."""
+    x = torch.tensor(SPECIALS * 50)
+    y = torch.tensor(SPECIALS[::-1] * 50)
+    mask = {"mixed": torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.5,
+            "all": torch.ones(x.shape, dtype=torch.bool), "none": torch.zeros(x.shape, dtype=torch.bool)}[pattern]
+    y_before = y.clone()
+    assert torch.equal(select.keep(mask, x).view(torch.int32), torch.where(mask, x, 0.0).view(torch.int32))
+    assert torch.equal(select.choose(mask, x, y).view(torch.int32), torch.where(mask, x, y).view(torch.int32))
+    assert torch.equal(y.view(torch.int32), y_before.view(torch.int32))  # inputs are never modified
+    shaped = x.reshape(10, -1)
+    assert torch.equal(select.keep(mask.reshape(10, -1), shaped).view(torch.int32),
+                       torch.where(mask.reshape(10, -1), shaped, 0.0).view(torch.int32))
+
+
+def test_mask_numbers_are_numpys_float32_stream():
+    """rng.segment_uniform builds the numbers from raw PCG64 steps; they are Generator.random(float32)'s."""
+    import numpy as np
+
+    from distmerge.methods.rng import mask_seed, segment_uniform
+
+    for start, stop in [(0, 1), (0, 1001), (1, 10), (7, 8), (4095, 70001), (5, 5)]:
+        generator = np.random.PCG64(mask_seed(3, "w", 1, 2))
+        generator.advance(start // 2)
+        expected = np.random.Generator(generator).random(stop - start + start % 2, dtype=np.float32)[start % 2:]
+        assert torch.equal(segment_uniform(3, "w", 1, 2, start, stop), torch.from_numpy(expected))
