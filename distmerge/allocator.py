@@ -18,7 +18,7 @@ import logging
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
-_MMAP_THRESHOLD = 32 * 1024**2  # the largest glibc accepts; a merge's tensors are chunks of <= 4 MiB fp32 each
+_MMAP_THRESHOLD = 32 * 1024**2  # the largest glibc accepts; above a merge's tensors (row chunks, cached MLPs)
 _TRIM_THRESHOLD = 256 * 1024**2
 
 

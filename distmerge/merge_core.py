@@ -45,10 +45,11 @@ READ_CHUNK_BYTES = 4 * 1024**2
 # fit in this many bytes (an MLP matrix of a small model), instead of reading and subtracting them again.
 TENSOR_CACHE_BYTES = 96 * 1024**2
 # Tensors above this many elements are merged in row chunks when the method allows it (MergeMethod.chunking),
-# so an embedding of 150k x 4k costs 4 MiB of fp32 per input and temporary at a time instead of 2.4 GiB; a
-# method's working set is ten or more such tensors. A constant, not an option: the float sums of LiNeS'
+# so an embedding of 150k x 4k costs 2 MiB of fp32 per input and temporary at a time instead of 2.4 GiB; a
+# method's working set is ten or more such tensors (half a million elements: measured on the 0.5B benchmark,
+# 2 workers' peak memory drops by ~100 MB against a million; speed within run-to-run noise). A constant, not an option: the float sums of LiNeS'
 # `alpha: auto` add per chunk, and outputs must not depend on run options.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 19
 
 
 @dataclass(frozen=True)
