@@ -46,9 +46,9 @@ READ_CHUNK_BYTES = 4 * 1024**2
 TENSOR_CACHE_BYTES = 96 * 1024**2
 # Tensors above this many elements are merged in row chunks when the method allows it (MergeMethod.chunking),
 # so an embedding of 150k x 4k costs 2 MiB of fp32 per input and temporary at a time instead of 2.4 GiB; a
-# method's working set is ten or more such tensors (half a million elements: measured on the 0.5B benchmark,
-# 2 workers' peak memory drops by ~100 MB against a million; speed within run-to-run noise). A constant, not an option: the float sums of LiNeS'
-# `alpha: auto` add per chunk, and outputs must not depend on run options.
+# method's working set is ten or more such tensors. Half a million elements: on the 0.5B benchmark the peak
+# memory of 2 workers is ~100 MB lower than with a million, speed within run-to-run noise. A constant, not an
+# option: the float sums of LiNeS' `alpha: auto` add per chunk, and outputs must not depend on run options.
 CHUNK_ELEMENTS = 1 << 19
 
 
