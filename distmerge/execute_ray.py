@@ -85,7 +85,11 @@ class MergeWorker:
             entry[0].close()
 
     def where(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        """Where this actor runs: process, node, the GPUs Ray gave it and whether torch sees CUDA there."""
+        import torch
+
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "gpus": [str(gpu) for gpu in ray.get_gpu_ids()], "cuda": torch.cuda.is_available()}
 
 
 class WorkerPool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from distmerge.methods import exact
 from distmerge.methods.consensus import weighted_sum
 from distmerge.methods.registry import MergeInputs, MergeMethod, MethodParams, TensorContext, register
 
@@ -32,7 +33,7 @@ def linear(inputs: MergeInputs, params: LinearParams, ctx: TensorContext) -> tor
     summed = weighted_sum(inputs.deltas, inputs.weights)
     if not params.normalize:
         return summed.add_(inputs.base * (total_weight - 1.0))  # no fused alpha: see weighted_sum
-    return summed / total_weight
+    return exact.divide_(summed, total_weight)
 
 
 register(MergeMethod("linear", LinearParams, linear, doc="Weighted average of the models (delta form).",

@@ -1,4 +1,4 @@
-"""Exact sums of |x| over fp32 tensors, as integer partials.
+"""Exact sums of |x| over fp32 tensors, as integer partials; division by a scalar rounded alike on every device.
 
 A float sum depends on the order of its additions: on how a tensor is cut into row chunks and on how many
 threads reduce it. Methods whose result must not depend on either (DARE's L1 rescale) sum magnitudes
@@ -59,3 +59,12 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def divide_(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x /= divisor in place, correctly rounded on every device. CUDA turns division by a Python number into
+    multiplication by its rounded reciprocal (two roundings, so a different last bit than the CPU's division
+    for divisors like 3 or 0.3); a divisor tensor on x's device gets a true division there too."""
+    if x.device.type == "cpu":
+        return x.div_(divisor)
+    return x.div_(torch.tensor(divisor, dtype=x.dtype, device=x.device))

@@ -78,7 +78,7 @@ def dare_drop(tau: torch.Tensor, density: float, rescale: DareRescale, uniform: 
     """
     kept = dare_keep(tau, density, uniform)
     if rescale == "inverse_p":
-        return kept.div_(density)
+        return exact.divide_(kept, density)
     if l1_factor is None:
         l1_factor = l1_rescale_factor(*map(exact.partial_value, dare_l1_partials(tau, density, uniform)))
     return kept.mul_(l1_factor)
