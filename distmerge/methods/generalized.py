@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from distmerge.methods import exact, radix, sparsify, ties_global
+from distmerge.methods import cpu_kernels, exact, radix, sparsify, ties_global
 from distmerge.methods.consensus import Consensus, combine
 from distmerge.methods.params import DensityParams, ScaledParams, invalid
 from distmerge.methods.registry import (
@@ -50,6 +50,8 @@ def generalized_task_arithmetic(
     taus = inputs.deltas
     if sparsifier is not None:
         taus = [sparsifier(tau, params, ctx, index) for index, tau in enumerate(taus)]
+    if cpu_kernels.enabled(*taus):
+        return cpu_kernels.combine(taus, inputs.weights, consensus == "ties", params.scale)
     return combine(consensus, taus, inputs.weights) * params.scale
 
 
@@ -198,6 +200,9 @@ def _map_band_equal(inputs: MergeInputs, params: BreadcrumbsParams, ctx: TensorC
     """How many entries of this chunk equal each band bound (a prefix phase: later chunks get the sums)."""
     counts = []
     for tau, bounds in zip(inputs.deltas, radix.order_statistics(ctx.stats, BAND_KEY), strict=True):
+        if cpu_kernels.enabled(tau):
+            counts.append(cpu_kernels.count_equal_magnitudes(tau, [b.value for b in bounds]))
+            continue
         magnitudes = tau.abs()
         counts.append(torch.tensor([int((magnitudes == b.value).sum()) for b in bounds], dtype=torch.int64))
     return {"equal": torch.stack(counts)}

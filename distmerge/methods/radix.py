@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from distmerge.methods import cpu_kernels
 from distmerge.methods.registry import MergeInputs, PartialStats, StatsPhase, TensorContext
 
 NUM_BINS = 1 << 16
@@ -44,14 +45,20 @@ def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
     return tau.abs().flatten().view(torch.int32)
 
 
-def _histogram(values: torch.Tensor) -> torch.Tensor:
-    return torch.bincount(values, minlength=NUM_BINS).cpu()
+def _high_histogram(tau: torch.Tensor) -> torch.Tensor:
+    """Histogram of the upper 16 bits of |tau| ([65536] int64, on CPU)."""
+    if cpu_kernels.enabled(tau):
+        return cpu_kernels.high_histogram(tau)
+    return torch.bincount(magnitude_bits(tau) >> 16, minlength=NUM_BINS).cpu()
 
 
-def _bin_histogram(bits: torch.Tensor, high_bin: int) -> tuple[torch.Tensor, int]:
-    """(histogram of the low 16 bits of the entries in `high_bin`, how many entries lie above that bin)."""
-    relative = (bits - ((high_bin << 16) - 1)).clamp_(0, NUM_BINS + 1)  # 0: below, 1..65536: in, 65537: above
-    counts = torch.bincount(relative, minlength=NUM_BINS + 2).cpu()
+def _bin_histogram(tau: torch.Tensor, high_bin: int) -> tuple[torch.Tensor, int]:
+    """(histogram of the low 16 bits of the |tau| in `high_bin`, how many entries lie above that bin)."""
+    if cpu_kernels.enabled(tau):
+        counts = cpu_kernels.bin_histogram(tau, high_bin)
+    else:
+        relative = (magnitude_bits(tau) - ((high_bin << 16) - 1)).clamp_(0, NUM_BINS + 1)  # 0: below, 65537: above
+        counts = torch.bincount(relative, minlength=NUM_BINS + 2).cpu()
     return counts[1:NUM_BINS + 1], int(counts[NUM_BINS + 1])
 
 
@@ -76,7 +83,7 @@ def order_statistic_phases(key: str, ranks: Ranks,
     high_key = f"{key}_high_bins"
 
     def map_high(inputs: MergeInputs, params: Any, ctx: TensorContext) -> PartialStats:
-        rows = [_histogram(magnitude_bits(tau) >> 16) for tau in inputs.deltas]
+        rows = [_high_histogram(tau) for tau in inputs.deltas]
         return {"high": torch.stack(rows), "numel": _numel(inputs)}
 
     def finalize_high(summed: PartialStats, params: Any) -> dict[str, Any]:
@@ -86,8 +93,7 @@ def order_statistic_phases(key: str, ranks: Ranks,
     def map_low(inputs: MergeInputs, params: Any, ctx: TensorContext) -> PartialStats:
         low, above = [], []
         for tau, bins in zip(inputs.deltas, ctx.stats[high_key], strict=True):
-            bits = magnitude_bits(tau)
-            counted = [_bin_histogram(bits, b) for b in bins]
+            counted = [_bin_histogram(tau, b) for b in bins]
             low.append(torch.stack([histogram for histogram, _ in counted])
                        if bins else torch.zeros(0, NUM_BINS, dtype=torch.int64))
             above.append(torch.tensor([count for _, count in counted], dtype=torch.int64))
@@ -126,20 +132,20 @@ def order_statistics(stats: Mapping[str, Any], key: str) -> list[list[OrderStati
 _SORT_BELOW = 1 << 16
 
 
-def tensor_order_statistics(magnitudes: torch.Tensor, ranks: list[int]) -> list[OrderStatistic]:
-    """The same statistics for one whole tensor of |tau| values, in one call (what the two phases give for a
-    single piece)."""
-    magnitudes = magnitudes.flatten()
-    if magnitudes.numel() < _SORT_BELOW:
+def tensor_order_statistics(tau: torch.Tensor, ranks: list[int]) -> list[OrderStatistic]:
+    """The same statistics of |tau| for one whole tensor, in one call (what the two phases give for a single
+    piece)."""
+    tau = tau.flatten()
+    if tau.numel() < _SORT_BELOW:
+        magnitudes = tau.abs()
         ordered = magnitudes.sort(descending=True).values
         return [OrderStatistic(float(ordered[rank]), int((magnitudes > ordered[rank]).sum()),
                                int((magnitudes == ordered[rank]).sum())) for rank in ranks]
-    bits = magnitudes.view(torch.int32)
-    high_histogram = _histogram(bits >> 16)
+    high_histogram = _high_histogram(tau)
     out = []
     for rank in ranks:
         high_bin, above = _locate(high_histogram, rank)
-        low, _ = _bin_histogram(bits, high_bin)
+        low, _ = _bin_histogram(tau, high_bin)
         low_bin, above_in_bin = _locate(low, rank - above)
         out.append(OrderStatistic(_bits_to_float((high_bin << 16) | low_bin), above + above_in_bin,
                                   int(low[low_bin])))

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
+from distmerge.methods import cpu_kernels
 from distmerge.methods.params import invalid
 from distmerge.methods.registry import (
     MergeInputs,
@@ -124,14 +125,23 @@ def ram_combine(
     return choose(count >= 2, shared_mean, keep(count == 1, scaled_sum))
 
 
+def _fused(inputs: MergeInputs) -> bool:
+    return cpu_kernels.enabled(*inputs.deltas)
+
+
 def ram(inputs: MergeInputs, params: RamParams, ctx: TensorContext) -> torch.Tensor:
+    if _fused(inputs):
+        return cpu_kernels.ram_combine(inputs.deltas, inputs.weights, params.epsilon, [1.0] * len(inputs.deltas))
     taus = _weighted(inputs)
     masks, count = _activity(taus, params.epsilon)
     return ram_combine(taus, masks, count, [1.0] * len(taus))
 
 
 def _map_overlap(inputs: MergeInputs, params: RamPlusParams, ctx: TensorContext) -> PartialStats:
-    shared, unique = _overlap_counts(*_activity(_weighted(inputs), params.epsilon))
+    if _fused(inputs):
+        shared, unique = cpu_kernels.ram_overlap_counts(inputs.deltas, inputs.weights, params.epsilon)
+    else:
+        shared, unique = _overlap_counts(*_activity(_weighted(inputs), params.epsilon))
     return {
         "shared": torch.tensor(shared, dtype=torch.int64),
         "unique": torch.tensor(unique, dtype=torch.int64),
@@ -152,6 +162,8 @@ def ram_plus(inputs: MergeInputs, params: RamPlusParams, ctx: TensorContext) -> 
             "ram_plus needs its statistics phase (whole-checkpoint overlap counts) to run before the merge; "
             "run it with distmerge.methods.stats.run_stats_phases"
         )
+    if _fused(inputs):
+        return cpu_kernels.ram_combine(inputs.deltas, inputs.weights, params.epsilon, ctx.stats[LAMBDAS_KEY])
     taus = _weighted(inputs)
     masks, count = _activity(taus, params.epsilon)
     return ram_combine(taus, masks, count, ctx.stats[LAMBDAS_KEY])
@@ -172,6 +184,12 @@ def _finalize_tensor_scales(summed: PartialStats, params: RamPlusTensorParams) -
 
 
 def ram_plus_tensor(inputs: MergeInputs, params: RamPlusTensorParams, ctx: TensorContext) -> torch.Tensor:
+    if _fused(inputs):
+        scales = ctx.stats.get(TENSOR_SCALES_KEY)
+        if scales is None:
+            counts = cpu_kernels.ram_overlap_counts(inputs.deltas, inputs.weights, params.epsilon)
+            scales = _tensor_scales(*counts, params)
+        return cpu_kernels.ram_combine(inputs.deltas, inputs.weights, params.epsilon, scales)
     taus = _weighted(inputs)
     masks, count = _activity(taus, params.epsilon)
     scales = ctx.stats.get(TENSOR_SCALES_KEY)  # from the tensor phase when merged in row chunks

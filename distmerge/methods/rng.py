@@ -17,6 +17,8 @@ import hashlib
 import numpy as np
 import torch
 
+from distmerge.methods import cpu_kernels
+
 SEGMENT = 1 << 22  # elements per independently seeded segment
 
 
@@ -38,6 +40,9 @@ def segment_uniform(seed: int, name: str, index: int, segment: int, start: int, 
     bit_generator.advance(start // 2)  # two numbers per step: land on the step holding number `start`
     count = stop - start + start % 2
     raw = bit_generator.random_raw((count + 1) // 2).astype("<u8", copy=False)
+    fused = cpu_kernels.uniform_in_place(raw, start % 2, stop - start)
+    if fused is not None:
+        return torch.from_numpy(fused)
     words = raw.view("<u4")[:count]
     np.right_shift(words, 8, out=words)
     # In place (same item size, element by element): the stream costs 4 bytes per number, not 12.

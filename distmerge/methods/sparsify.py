@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from distmerge.methods import exact
+from distmerge.methods import cpu_kernels, exact
 from distmerge.methods.radix import OrderStatistic, tensor_order_statistics
 from distmerge.methods.select import keep
 
@@ -36,6 +36,8 @@ def keep_count(density: float, numel: int) -> int:
 def keep_above(tau: torch.Tensor, threshold: float | torch.Tensor,
                magnitudes: torch.Tensor | None = None) -> torch.Tensor:
     """Zero every entry with |tau| < threshold (`magnitudes`: |tau| if at hand); entries equal to it are kept."""
+    if not isinstance(threshold, torch.Tensor) and cpu_kernels.enabled(tau):
+        return cpu_kernels.keep_at_least(tau, threshold)
     return keep((tau.abs() if magnitudes is None else magnitudes) >= threshold, tau)
 
 
@@ -49,6 +51,8 @@ def magnitude_topk(tau: torch.Tensor, density: float, threshold: float | None = 
         return keep_above(tau, threshold)
     if k == tau.numel():
         return tau.clone()
+    if cpu_kernels.enabled(tau):
+        return keep_above(tau, tensor_order_statistics(tau, [k - 1])[0].value)
     magnitudes = tau.abs()
     return keep_above(tau, tensor_order_statistics(magnitudes, [k - 1])[0].value, magnitudes)
 
@@ -65,7 +69,7 @@ def l1_rescale_factor(tau_l1: float, kept_l1: float) -> float:
 
 def dare_l1_partials(tau: torch.Tensor, density: float, uniform: torch.Tensor) -> torch.Tensor:
     """Exact L1 partials of tau and of its DARE survivors ([2, 256], see `exact`)."""
-    return exact.abs_sum_partial(tau, uniform < density)
+    return exact.abs_sum_partial_below(tau, uniform, density)
 
 
 def dare_drop(tau: torch.Tensor, density: float, rescale: DareRescale, uniform: torch.Tensor,
@@ -76,11 +80,14 @@ def dare_drop(tau: torch.Tensor, density: float, rescale: DareRescale, uniform: 
     L1 norm matches the original tau's (mergekit's choice). Both norms are exact sums (`exact`), so the
     factor does not depend on chunking or threads; `l1_factor` passes it in for a chunk of a large tensor.
     """
+    if rescale == "l1" and l1_factor is None:
+        l1_factor = l1_rescale_factor(*map(exact.partial_value, dare_l1_partials(tau, density, uniform)))
+    if cpu_kernels.enabled(tau, uniform):
+        divide = rescale == "inverse_p"
+        return cpu_kernels.dare(tau, uniform, density, density if divide else l1_factor, divide)
     kept = dare_keep(tau, density, uniform)
     if rescale == "inverse_p":
         return exact.divide_(kept, density)
-    if l1_factor is None:
-        l1_factor = l1_rescale_factor(*map(exact.partial_value, dare_l1_partials(tau, density, uniform)))
     return kept.mul_(l1_factor)
 
 
@@ -106,23 +113,28 @@ def breadcrumbs_band(tau: torch.Tensor, density: float, gamma: float, *, numel: 
     first, stop = band_ranks(tau.numel() if numel is None else numel, density, gamma)
     if first >= stop:
         return torch.zeros_like(tau)
-    magnitudes = tau.abs()
     if bounds is None:
-        bounds = (*tensor_order_statistics(magnitudes, [first, stop - 1]),)
+        bounds = (*tensor_order_statistics(tau, [first, stop - 1]),)
     top, bottom = bounds
-    kept = (magnitudes <= top.value) & (magnitudes >= bottom.value)
+    if cpu_kernels.enabled(tau):
+        out = cpu_kernels.keep_band(tau, top.value, bottom.value)
+    else:
+        magnitudes = tau.abs()
+        out = keep((magnitudes <= top.value) & (magnitudes >= bottom.value), tau)
     distinct = [(top, equal_before[0])] + ([(bottom, equal_before[1])] if bottom.value != top.value else [])
     for bound, before in distinct:
         if bound.value == 0.0:
             continue  # zeros contribute nothing, kept or dropped: no tie to break
         # The equal entries have ranks bound.greater + before + (their index among the equal ones here):
-        # those outside [first, stop) are dropped.
+        # those outside [first, stop) are dropped (set to +0.0, as `keep` drops).
         low, high = first - bound.greater - before, stop - bound.greater - before
-        if low > 0 or high < bound.equal - before:
-            positions = (magnitudes == bound.value).flatten().nonzero().squeeze(1)
+        if (low > 0 or high < bound.equal - before) and cpu_kernels.enabled(tau, out):
+            cpu_kernels.drop_equal_outside(out, tau, bound.value, low, high)
+        elif low > 0 or high < bound.equal - before:
+            positions = (tau.abs() == bound.value).flatten().nonzero().squeeze(1)
             dropped = torch.cat([positions[:max(low, 0)], positions[max(high, 0):]])
-            kept.view(-1)[dropped] = False
-    return keep(kept, tau)
+            out.view(-1)[dropped] = 0.0
+    return out
 
 
 def _row_order(tau: torch.Tensor) -> torch.Tensor:
@@ -162,5 +174,8 @@ def della_drop(tau: torch.Tensor, density: float, epsilon: float, uniform: torch
         keep_prob = torch.full_like(tau, density)
     else:
         ranks = torch.arange(row_len, dtype=torch.float32, device=tau.device)
-        keep_prob = _by_row_rank(tau, (density - epsilon) + (2.0 * epsilon / (row_len - 1)) * ranks)
+        by_rank = (density - epsilon) + (2.0 * epsilon / (row_len - 1)) * ranks
+        if cpu_kernels.enabled(tau, uniform):
+            return cpu_kernels.della_drop_rows(tau, uniform, by_rank)
+        keep_prob = _by_row_rank(tau, by_rank)
     return keep(uniform < keep_prob, tau / keep_prob)

@@ -1,0 +1,169 @@
+"""Fused CPU kernels for the hot loops of the merge methods, bit for bit equal to the torch path.
+
+A TIES merge in torch ops makes ~30 passes over memory per element (abs, compare, mask to int, select, scale,
+add, sign, ...), each allocating a tensor; on CPU the merge is bound by those passes, not by arithmetic. Each
+kernel (`kernels.c`, built by `native`) does one or a few vectorized passes with the same float32 operations
+in the same order, so its result is the torch path's to the bit (tests/test_cpu_kernels.py compares them on
+adversarial inputs: ties, zeros, -0.0, NaN, weights != 1), except the sign of a NaN that an operation
+creates (inf - inf), which IEEE leaves open. The torch code stays the reference and runs everywhere else:
+on GPU tensors, without a C compiler, or with DISTMERGE_KERNELS=torch.
+
+Rules that keep the bits equal: every operand is float32, no fused multiply-adds and no reassociation
+(`native.FLAGS`), comparisons against the float32 value of a Python scalar (as torch casts a scalar to the
+tensor's dtype), and dropped entries are +0.0 (as `select.keep`). Outputs are allocated by torch; ctypes
+releases the GIL during a call, so the block threads of a worker run kernels in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from distmerge.methods import native
+
+NUM_BINS = 1 << 16
+
+
+def _switched_on() -> bool:
+    return os.environ.get("DISTMERGE_KERNELS", "native") != "torch" and native.library() is not None
+
+
+def enabled(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: library built, not switched off, all CPU contiguous fp32."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               for t in tensors) and _switched_on()
+
+
+def _lib() -> ctypes.CDLL:
+    return native.library()
+
+
+def _ptr(t: torch.Tensor | np.ndarray) -> int:
+    return t.data_ptr() if isinstance(t, torch.Tensor) else t.ctypes.data
+
+
+def _pointers(taus: Sequence[torch.Tensor]):
+    return (ctypes.c_void_p * len(taus))(*(t.data_ptr() for t in taus))
+
+
+def _model_args(taus: Sequence[torch.Tensor], weights: Sequence[float]):
+    """(pointer array, count, float32 weights, uint8 'weight is 1' flags); the arrays must outlive the call."""
+    w = np.asarray(weights, np.float32)
+    unit = np.asarray([weight == 1.0 for weight in weights], np.uint8)
+    return _pointers(taus), len(taus), w, unit
+
+
+def high_histogram(tau: torch.Tensor) -> torch.Tensor:
+    """torch.bincount(magnitude_bits(tau) >> 16, minlength=65536)."""
+    histogram = torch.zeros(NUM_BINS, dtype=torch.int64)
+    _lib().high_histogram(_ptr(tau), tau.numel(), _ptr(histogram))
+    return histogram
+
+
+def bin_histogram(tau: torch.Tensor, high_bin: int) -> torch.Tensor:
+    """radix._bin_histogram's counts: [below, the 65536 low-bit bins of `high_bin`, above]."""
+    counts = torch.zeros(NUM_BINS + 2, dtype=torch.int64)
+    _lib().bin_histogram(_ptr(tau), tau.numel(), high_bin, _ptr(counts))
+    return counts
+
+
+def keep_at_least(tau: torch.Tensor, threshold: float) -> torch.Tensor:
+    """keep(|tau| >= threshold, tau)."""
+    out = torch.empty_like(tau)
+    _lib().keep_at_least(_ptr(tau), tau.numel(), threshold, _ptr(out))
+    return out
+
+
+def keep_band(tau: torch.Tensor, top: float, bottom: float) -> torch.Tensor:
+    """keep((|tau| <= top) & (|tau| >= bottom), tau)."""
+    out = torch.empty_like(tau)
+    _lib().keep_band(_ptr(tau), tau.numel(), top, bottom, _ptr(out))
+    return out
+
+
+def count_equal_magnitudes(tau: torch.Tensor, values: Sequence[float]) -> torch.Tensor:
+    """[(|tau| == v).sum() for v in values] (at most two values), int64."""
+    counts = torch.zeros(2, dtype=torch.int64)
+    if values:
+        padded = [*values, values[0]]
+        _lib().count_equal_magnitudes(_ptr(tau), tau.numel(), padded[0], padded[1], _ptr(counts))
+    return counts[:len(values)]
+
+
+def drop_equal_outside(out: torch.Tensor, tau: torch.Tensor, value: float, low: int, high: int) -> None:
+    """In `out` (shaped like tau), zero the entries with |tau| == value numbered outside [low, high) among
+    those, in flat order (what the torch path does with nonzero() positions)."""
+    _lib().drop_equal_outside(_ptr(out), _ptr(tau), tau.numel(), value, low, high)
+
+
+def uniform_in_place(raw: np.ndarray, skip: int, count: int) -> np.ndarray | None:
+    """rng's numbers [skip, skip + count) of the stream whose 64-bit steps are `raw`, written over raw's own
+    memory (4 bytes a number); None when the kernels are off."""
+    if not _switched_on():
+        return None
+    raw = np.ascontiguousarray(raw)
+    _lib().uniform_in_place(_ptr(raw), _ptr(raw), skip, count)
+    return raw.view(np.float32)[:count]
+
+
+def dare(tau: torch.Tensor, uniform: torch.Tensor, density: float, factor: float, divide: bool) -> torch.Tensor:
+    """keep(uniform < density, tau), then / factor (divide) or * factor."""
+    out = torch.empty_like(tau)
+    _lib().dare(_ptr(tau), _ptr(uniform), tau.numel(), density, factor, int(divide), _ptr(out))
+    return out
+
+
+def abs_sums_by_exponent(tau: torch.Tensor, uniform: torch.Tensor | None, density: float) -> torch.Tensor:
+    """float64 sums of |tau| per biased exponent ([256]), or [not kept | kept by uniform < density] ([512])."""
+    sums = torch.zeros(512 if uniform is not None else 256, dtype=torch.float64)
+    _lib().abs_sum_by_exponent(_ptr(tau), _ptr(uniform) if uniform is not None else None, tau.numel(), density,
+                               int(uniform is not None), _ptr(sums))
+    return sums
+
+
+def combine(taus: Sequence[torch.Tensor], weights: Sequence[float], ties: bool, scale: float) -> torch.Tensor:
+    """consensus.combine(...) * scale."""
+    out = torch.empty_like(taus[0])
+    pointers, models, w, unit = _model_args(taus, weights)
+    _lib().combine(pointers, models, _ptr(w), _ptr(unit), int(ties), scale, out.numel(), _ptr(out))
+    return out
+
+
+def della_drop_rows(tau: torch.Tensor, uniform: torch.Tensor, keep_prob: torch.Tensor) -> torch.Tensor:
+    """keep(uniform < p, tau / p) with p = keep_prob[row magnitude rank] (sparsify.della_drop's torch path)."""
+    out = torch.empty_like(tau)
+    row_len = tau.shape[-1]
+    if _lib().della_rows(_ptr(tau), _ptr(uniform), _ptr(keep_prob.contiguous()), tau.numel() // row_len,
+                         row_len, _ptr(out)) != 0:
+        raise MemoryError(f"della: no scratch memory for rows of {row_len}")
+    return out
+
+
+def ram_overlap_counts(taus: Sequence[torch.Tensor], weights: Sequence[float],
+                       epsilon: float) -> tuple[list[int], list[int]]:
+    """ram._overlap_counts(*ram._activity(weighted taus, epsilon)): per model (shared, unique) counts."""
+    shared = torch.zeros(len(taus), dtype=torch.int64)
+    unique = torch.zeros(len(taus), dtype=torch.int64)
+    pointers, models, w, unit = _model_args(taus, weights)
+    _lib().ram_overlap_counts(pointers, models, _ptr(w), _ptr(unit), epsilon, taus[0].numel(), _ptr(shared),
+                              _ptr(unique))
+    return shared.tolist(), unique.tolist()
+
+
+def ram_combine(taus: Sequence[torch.Tensor], weights: Sequence[float], epsilon: float,
+                unique_scales: Sequence[float]) -> torch.Tensor:
+    """ram.ram_combine over the weighted taus and their activity."""
+    out = torch.empty_like(taus[0])
+    pointers, models, w, unit = _model_args(taus, weights)
+    scales = np.asarray(unique_scales, np.float32)
+    _lib().ram_combine(pointers, models, _ptr(w), _ptr(unit), epsilon, _ptr(scales), out.numel(), _ptr(out))
+    return out
+
+
+def warm_up() -> bool:
+    """Build (or find) the kernel library; False when the kernels are off. Installing runs this once."""
+    return _switched_on()

@@ -1,0 +1,288 @@
+/* Fused CPU loops of the merge methods; see cpu_kernels.py for the contract (the torch path's bits).
+ *
+ * Every function mirrors a torch computation operation by operation in float32: build with
+ * -ffp-contract=off (a fused multiply-add rounds once where torch rounds twice) and never -ffast-math.
+ * Loops are simple so the compiler vectorizes them; multi-model loops run tile by tile, each step one loop
+ * over a tile that stays in L1. Dropped entries are +0.0, as torch's masked selection gives.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ABS_MASK 0x7FFFFFFF /* clearing the sign bit is torch.abs on an fp32 bit pattern, NaN included */
+#define NUM_BINS 65536
+#define TILE 2048
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT
+#endif
+
+/* |x| as torch computes it: the sign bit cleared (NaN stays NaN, -0.0 becomes +0.0). */
+static inline float fabs_bits(float x) {
+    union { float f; uint32_t u; } v = {x};
+    v.u &= ABS_MASK;
+    return v.f;
+}
+
+HOT void high_histogram(const int32_t *bits, int64_t n, int64_t *histogram) {
+    for (int64_t i = 0; i < n; i++) histogram[(bits[i] & ABS_MASK) >> 16]++;
+}
+
+/* [below, the 65536 low-bit bins of high_bin, above], as radix._bin_histogram counts them: it compares bit
+ * patterns relative to the bin's start in int32, so with high_bin 0 the pattern 0x7FFFFFFF (a NaN) wraps
+ * around and counts as below. `counts` (65538) is zeroed by the caller. */
+HOT void bin_histogram(const int32_t *bits, int64_t n, int64_t high_bin, int64_t *counts) {
+    int64_t above = 0, wrapped = 0, in_bin = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t m = bits[i] & ABS_MASK;
+        above += (m >> 16) > high_bin;
+        wrapped += m == ABS_MASK;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        int32_t m = bits[i] & ABS_MASK;
+        if ((m >> 16) == high_bin) counts[1 + (m & 0xFFFF)]++;
+    }
+    for (int64_t b = 1; b <= NUM_BINS; b++) in_bin += counts[b];
+    counts[NUM_BINS + 1] = above - (high_bin == 0 ? wrapped : 0);
+    counts[0] = n - in_bin - counts[NUM_BINS + 1];
+}
+
+HOT void keep_at_least(const float *x, int64_t n, float threshold, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = fabs_bits(x[i]) >= threshold ? x[i] : 0.0f;
+}
+
+HOT void keep_band(const float *x, int64_t n, float top, float bottom, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        float m = fabs_bits(x[i]);
+        out[i] = (m <= top && m >= bottom) ? x[i] : 0.0f;
+    }
+}
+
+HOT void count_equal_magnitudes(const float *x, int64_t n, float first, float second, int64_t *counts) {
+    int64_t a = 0, b = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float m = fabs_bits(x[i]);
+        a += m == first;
+        b += m == second;
+    }
+    counts[0] = a;
+    counts[1] = b;
+}
+
+/* Zero the entries with |x| == value numbered outside [low, high) among those, in flat order. */
+void drop_equal_outside(float *out, const float *x, int64_t n, float value, int64_t low, int64_t high) {
+    int64_t seen = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (fabs_bits(x[i]) == value) {
+            if (seen < low || seen >= high) out[i] = 0.0f;
+            seen++;
+        }
+    }
+}
+
+/* values[i] = (words[i + skip] >> 8) * 2^-24 (exact), over the same buffer: a forward loop reads each word
+ * before any write reaches it. */
+void uniform_in_place(const uint32_t *words, float *values, int64_t skip, int64_t count) {
+    for (int64_t i = 0; i < count; i++) values[i] = (float)(int32_t)(words[i + skip] >> 8) * 0x1p-24f;
+}
+
+HOT void dare(const float *x, const float *uniform, int64_t n, float density, float factor, int divide,
+              float *out) {
+    if (divide) {
+        for (int64_t i = 0; i < n; i++) out[i] = (uniform[i] < density ? x[i] : 0.0f) / factor;
+    } else {
+        for (int64_t i = 0; i < n; i++) out[i] = (uniform[i] < density ? x[i] : 0.0f) * factor;
+    }
+}
+
+/* float64 sums of |x| per biased exponent (256), or [not kept | kept by uniform < density] (512) when split:
+ * exact whatever the order (see exact.py). `sums` is zeroed by the caller. */
+void abs_sum_by_exponent(const float *x, const float *uniform, int64_t n, float density, int split,
+                         double *sums) {
+    /* Four interleaved copies: entries mostly share a few exponents, and one chain of dependent adds per
+     * slot would run at the adder's latency. Every partial sum is exact, so adding them is too. */
+    static const int64_t SLOTS = 512;
+    double partial[4][512];
+    const int32_t *bits = (const int32_t *)x;
+    memset(partial, 0, sizeof partial);
+    for (int64_t i = 0; i < n; i++) {
+        /* branch-free: the kept test is a coin flip, and a mispredicted branch costs more than the add */
+        int64_t slot = ((bits[i] & ABS_MASK) >> 23) + (split ? (int64_t)(uniform[i] < density) << 8 : 0);
+        partial[i & 3][slot] += (double)fabs_bits(x[i]);
+    }
+    for (int64_t slot = 0; slot < (split ? SLOTS : 256); slot++)
+        sums[slot] += (partial[0][slot] + partial[1][slot]) + (partial[2][slot] + partial[3][slot]);
+}
+
+/* consensus.combine(...) * scale: weighted sum ('sum') or TIES sign election + disjoint mean ('ties').
+ * The first model is always multiplied by its weight (as weighted_sum does); later ones only when their
+ * weight is not 1 (unit[m] == 0). */
+HOT void combine(const float *const *taus, int64_t models, const float *weights, const uint8_t *unit,
+                 int ties, float scale, int64_t n, float *out) {
+    float total[TILE], denominator[TILE];
+    float min_weight = weights[0];
+    for (int64_t m = 1; m < models; m++) min_weight = weights[m] < min_weight ? weights[m] : min_weight;
+    for (int64_t start = 0; start < n; start += TILE) {
+        int64_t len = n - start < TILE ? n - start : TILE;
+        const float *first = taus[0] + start;
+        for (int64_t i = 0; i < len; i++) total[i] = first[i] * weights[0];
+        for (int64_t m = 1; m < models; m++) {
+            const float *t = taus[m] + start;
+            float w = weights[m];
+            if (unit[m]) for (int64_t i = 0; i < len; i++) total[i] += t[i];
+            else for (int64_t i = 0; i < len; i++) total[i] += t[i] * w;
+        }
+        float *o = out + start;
+        if (!ties) {
+            for (int64_t i = 0; i < len; i++) o[i] = total[i] * scale;
+            continue;
+        }
+        for (int64_t i = 0; i < len; i++)  /* torch.sign: 0 for 0, -0.0 and NaN */
+            total[i] = (0.0f < total[i] ? 1.0f : 0.0f) - (total[i] < 0.0f ? 1.0f : 0.0f);
+        for (int64_t m = 0; m < models; m++) {
+            const float *t = taus[m] + start;
+            float w = weights[m], count = unit[m] ? 1.0f : w;
+            int u = unit[m];
+            for (int64_t i = 0; i < len; i++) {
+                int agree = t[i] * total[i] > 0.0f;
+                float part = agree ? (u ? t[i] : t[i] * w) : 0.0f;
+                float counted = agree ? count : 0.0f;
+                o[i] = m == 0 ? part : o[i] + part;
+                denominator[i] = m == 0 ? counted : denominator[i] + counted;
+            }
+        }
+        if (min_weight > 0.0f) {
+            for (int64_t i = 0; i < len; i++)
+                o[i] = o[i] / (denominator[i] > min_weight ? denominator[i] : min_weight) * scale;
+        } else {
+            for (int64_t i = 0; i < len; i++)
+                o[i] = (denominator[i] == 0.0f ? 0.0f : o[i] / denominator[i]) * scale;
+        }
+    }
+}
+
+/* RAM: w_i tau_i (tau_i when w_i is 1) is active where its |.| > epsilon; count = active models per entry. */
+static inline float weighted(const float *t, int64_t i, float w, int u) { return u ? t[i] : t[i] * w; }
+
+static void active_counts(const float *const *taus, int64_t models, const float *weights,
+                          const uint8_t *unit, float epsilon, int64_t start, int64_t len, int32_t *count) {
+    for (int64_t m = 0; m < models; m++) {
+        const float *t = taus[m] + start;
+        float w = weights[m];
+        int u = unit[m];
+        for (int64_t i = 0; i < len; i++) {
+            int32_t active = fabs_bits(weighted(t, i, w, u)) > epsilon;
+            count[i] = m == 0 ? active : count[i] + active;
+        }
+    }
+}
+
+HOT void ram_overlap_counts(const float *const *taus, int64_t models, const float *weights,
+                            const uint8_t *unit, float epsilon, int64_t n, int64_t *shared, int64_t *unique) {
+    int32_t count[TILE];
+    for (int64_t start = 0; start < n; start += TILE) {
+        int64_t len = n - start < TILE ? n - start : TILE;
+        active_counts(taus, models, weights, unit, epsilon, start, len, count);
+        for (int64_t m = 0; m < models; m++) {
+            const float *t = taus[m] + start;
+            float w = weights[m];
+            int u = unit[m];
+            int64_t s = 0, q = 0;
+            for (int64_t i = 0; i < len; i++) {
+                int active = fabs_bits(weighted(t, i, w, u)) > epsilon;
+                s += active && count[i] >= 2;
+                q += active && count[i] == 1;
+            }
+            shared[m] += s;
+            unique[m] += q;
+        }
+    }
+}
+
+/* ram.ram_combine: shared entries (count >= 2) the mean of the active ones, unique entries scales[m] times
+ * the active one, inactive entries 0. */
+HOT void ram_combine(const float *const *taus, int64_t models, const float *weights, const uint8_t *unit,
+                     float epsilon, const float *scales, int64_t n, float *out) {
+    int32_t count[TILE];
+    float scaled_sum[TILE];
+    for (int64_t start = 0; start < n; start += TILE) {
+        int64_t len = n - start < TILE ? n - start : TILE;
+        float *active_sum = out + start;
+        active_counts(taus, models, weights, unit, epsilon, start, len, count);
+        for (int64_t i = 0; i < len; i++) active_sum[i] = scaled_sum[i] = 0.0f;
+        for (int64_t m = 0; m < models; m++) {
+            const float *t = taus[m] + start;
+            float w = weights[m], s = scales[m];
+            int u = unit[m], scale_unit = s == 1.0f;
+            for (int64_t i = 0; i < len; i++) {
+                float x = weighted(t, i, w, u);
+                float active = fabs_bits(x) > epsilon ? x : 0.0f;
+                active_sum[i] += active;
+                scaled_sum[i] += scale_unit ? active : active * s;
+            }
+        }
+        for (int64_t i = 0; i < len; i++) {
+            float shared_mean = active_sum[i] / (float)(count[i] > 1 ? count[i] : 1);
+            active_sum[i] = count[i] >= 2 ? shared_mean : (count[i] == 1 ? scaled_sum[i] : 0.0f);
+        }
+    }
+}
+
+/* DELLA per row of tau [rows, n]: rank entries by |tau| ascending, equal magnitudes by column (a stable LSD
+ * radix sort of the 31-bit magnitude patterns, 8 bits a pass; all four digit histograms from one counting
+ * pass, in four interleaved copies so that runs of equal digits do not serialize on one counter), then keep
+ * entry j of rank r where uniform < keep_prob[r], divided by keep_prob[r]. Returns -1 when scratch memory
+ * is not available. */
+int della_rows(const float *tau, const float *uniform, const float *keep_prob, int64_t rows, int64_t n,
+               float *out) {
+    int32_t *scratch = malloc(4 * (size_t)n * sizeof(int32_t));
+    if (!scratch) return -1;
+    int32_t *base = scratch;
+    int32_t counts[4][4][256]; /* [copy][digit position][digit] */
+    int64_t offsets[4][256];
+    for (int64_t r = 0; r < rows; r++) {
+        int32_t *keys = base, *order = base + n, *keys_next = base + 2 * n, *order_next = base + 3 * n;
+        const int32_t *bits = (const int32_t *)(tau + r * n);
+        memset(counts, 0, sizeof counts);
+        for (int64_t j = 0; j < n; j++) {
+            int32_t k = bits[j] & ABS_MASK;
+            int c = (int)(j & 3);
+            keys[j] = k;
+            order[j] = (int32_t)j;
+            counts[c][0][k & 255]++;
+            counts[c][1][(k >> 8) & 255]++;
+            counts[c][2][(k >> 16) & 255]++;
+            counts[c][3][(k >> 24) & 255]++;
+        }
+        for (int pass = 0; pass < 4; pass++) {
+            int64_t position = 0;
+            int moves = 1;
+            for (int d = 0; d < 256; d++) {
+                int64_t c = (int64_t)counts[0][pass][d] + counts[1][pass][d] + counts[2][pass][d] + counts[3][pass][d];
+                if (c == n) moves = 0; /* every key has this digit: the pass would move nothing */
+                offsets[pass][d] = position;
+                position += c;
+            }
+            if (!moves) continue;
+            int shift = 8 * pass;
+            for (int64_t j = 0; j < n; j++) {
+                int64_t slot = offsets[pass][(keys[j] >> shift) & 255]++;
+                keys_next[slot] = keys[j];
+                order_next[slot] = order[j];
+            }
+            int32_t *swap = keys; keys = keys_next; keys_next = swap;
+            swap = order; order = order_next; order_next = swap;
+        }
+        const float *row = tau + r * n, *u = uniform + r * n;
+        float *o = out + r * n;
+        for (int64_t rank = 0; rank < n; rank++) {
+            int32_t j = order[rank];
+            float p = keep_prob[rank], kept = row[j] / p; /* divide first: a select, not a coin-flip branch */
+            o[j] = u[j] < p ? kept : 0.0f;
+        }
+    }
+    free(scratch);
+    return 0;
+}

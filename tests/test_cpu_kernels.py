@@ -1,0 +1,138 @@
+"""The fused CPU kernels give the torch path's bits: per kernel on adversarial inputs, and per method on whole
+merges of the tiny family (DISTMERGE_KERNELS=torch switches the kernels off)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distmerge.methods import cpu_kernels, exact, method_names, radix, sparsify
+from distmerge.methods.consensus import combine
+from tests.test_ray_merge import merge
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.warm_up(), reason="no C compiler to build the CPU kernels")
+
+
+def adversarial(seed: int, n: int = 200_003, nan: bool = True) -> torch.Tensor:
+    """bf16-rounded values (many exact ties), exact zeros, -0.0, huge, tiny and subnormal values, NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=gen) * 0.01).bfloat16().float()
+    pick = torch.randint(0, 50, (n,), generator=gen)
+    x[pick == 0] = 0.0
+    x[pick == 1] = -0.0
+    x[pick == 2] = 3e38
+    x[pick == 3] = 1e-40
+    if nan:
+        x[pick == 4] = float("nan")
+    return x
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, except that a NaN matches any NaN: IEEE leaves the sign and payload of a NaN made by an
+    operation (inf - inf) to the hardware, and torch's vector code and the kernels' differ there."""
+    if a.shape != b.shape:
+        return False
+    differ = a.contiguous().view(torch.int32) != b.contiguous().view(torch.int32)
+    return bool((a[differ].isnan() & b[differ].isnan()).all())
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run a callable with the kernels switched off."""
+    def run(fn, *args, **kwargs):
+        with monkeypatch.context() as patch:
+            patch.setenv("DISTMERGE_KERNELS", "torch")
+            assert not cpu_kernels.enabled(torch.zeros(1))
+            return fn(*args, **kwargs)
+    return run
+
+
+def test_histograms_equal_bincount(torch_path):
+    tau = adversarial(0)
+    assert torch.equal(radix._high_histogram(tau), torch_path(radix._high_histogram, tau))
+    for high_bin in (0, 1, 0x3C23, 0x7F7F, 0x7FC0, 0x7FFF):  # |tau| bits have high bins < 0x8000
+        fused = radix._bin_histogram(tau, high_bin)
+        reference = torch_path(radix._bin_histogram, tau, high_bin)
+        assert torch.equal(fused[0], reference[0]) and fused[1] == reference[1], high_bin
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.004, 3e38, float(torch.tensor(0.01).bfloat16())])
+def test_keep_above_and_topk(torch_path, threshold):
+    tau = adversarial(1, n=401 * 450).view(401, 450)
+    assert same_bits(sparsify.keep_above(tau, threshold), torch_path(sparsify.keep_above, tau, threshold))
+    assert same_bits(sparsify.magnitude_topk(tau, 0.2), torch_path(sparsify.magnitude_topk, tau, 0.2))
+
+
+@pytest.mark.parametrize("density,gamma", [(0.9, 0.01), (0.5, 0.1), (0.3, 0.0)])
+def test_breadcrumbs_band(torch_path, density, gamma):
+    tau = adversarial(2, nan=False)
+    fused = sparsify.breadcrumbs_band(tau, density, gamma)
+    assert same_bits(fused, torch_path(sparsify.breadcrumbs_band, tau, density, gamma))
+    for values in ([0.0, float(tau[7].abs())], [float(tau.abs().max())], []):
+        expected = [int((tau.abs() == v).sum()) for v in values]
+        assert cpu_kernels.count_equal_magnitudes(tau, values).tolist() == expected
+
+
+@pytest.mark.parametrize("rescale,density", [("inverse_p", 0.3), ("inverse_p", 0.5), ("l1", 0.3), ("l1", 0.9)])
+def test_dare(torch_path, rescale, density):
+    tau = adversarial(3, nan=False)
+    uniform = torch.rand(tau.shape, generator=torch.Generator().manual_seed(9))
+    uniform[:10] = torch.tensor(density, dtype=torch.float32)  # exactly at the threshold (float32 of it)
+    fused = sparsify.dare_drop(tau, density, rescale, uniform)
+    assert same_bits(fused, torch_path(sparsify.dare_drop, tau, density, rescale, uniform))
+    assert torch.equal(exact.abs_sum_partial_below(tau, uniform, density),
+                       torch_path(exact.abs_sum_partial_below, tau, uniform, density))
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.3, 1.0, 0.7], [1.0, -0.5, 0.25], [2.0]])
+@pytest.mark.parametrize("consensus", ["sum", "ties"])
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_combine(torch_path, weights, consensus, scale):
+    taus = [adversarial(10 + i) for i in range(len(weights))]
+    taus[0][:100] = -taus[-1][:100]  # sign votes that cancel exactly
+    fused = cpu_kernels.combine(taus, weights, consensus == "ties", scale)
+    assert same_bits(fused, torch_path(lambda: combine(consensus, taus, weights) * scale))
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_whole_merges_equal_with_and_without_kernels(tiny_family, tmp_path, monkeypatch, method):
+    fused = merge(tiny_family, method, tmp_path / "fused", 0)
+    monkeypatch.setenv("DISTMERGE_KERNELS", "torch")
+    assert merge(tiny_family, method, tmp_path / "torch", 0) == fused
+
+
+@pytest.mark.parametrize("start,stop", [(0, 1 << 20), (3, 1 << 20), (4, 10), (5, 6), (0, 0)])
+def test_random_stream_same_numbers(torch_path, start, stop):
+    from distmerge.methods.rng import segment_uniform
+
+    fused = segment_uniform(7, "layer.weight", 2, 1, start, stop)
+    assert torch.equal(fused, torch_path(segment_uniform, 7, "layer.weight", 2, 1, start, stop))
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, 1.0, 2.0]])
+@pytest.mark.parametrize("scales", [[1.0, 1.0, 1.0], [1.2, 1.0, 1.05]])
+def test_ram(torch_path, weights, scales):
+    from distmerge.methods import ram
+
+    gen = torch.Generator().manual_seed(4)
+    taus = [adversarial(20 + i, nan=False) * (torch.rand(200_003, generator=gen) < 0.3) for i in range(3)]
+    taus[1][:50] = 1e-5  # exactly at epsilon: inactive
+    inputs = ram.MergeInputs(torch.zeros(200_003), taus, weights)
+
+    def reference():
+        weighted = ram._weighted(inputs)
+        masks, count = ram._activity(weighted, 1e-5)
+        return ram._overlap_counts(masks, count), ram.ram_combine(weighted, masks, count, scales)
+
+    counts, combined = torch_path(reference)
+    assert cpu_kernels.ram_overlap_counts(taus, weights, 1e-5) == (list(counts[0]), list(counts[1]))
+    assert same_bits(cpu_kernels.ram_combine(taus, weights, 1e-5, scales), combined)
+
+
+@pytest.mark.parametrize("row_len", [1, 2, 300, 4864])
+def test_della_row_ranks(torch_path, row_len):
+    tau = adversarial(30, n=row_len * 41, nan=False).view(41, row_len)
+    tau[3] = 0.01  # a row of equal magnitudes: ranks by column
+    uniform = torch.rand(tau.shape, generator=torch.Generator().manual_seed(31))
+    fused = sparsify.della_drop(tau, 0.5, 0.15, uniform)
+    assert same_bits(fused, torch_path(sparsify.della_drop, tau, 0.5, 0.15, uniform))
