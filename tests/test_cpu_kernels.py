@@ -136,3 +136,20 @@ def test_della_row_ranks(torch_path, row_len):
     uniform = torch.rand(tau.shape, generator=torch.Generator().manual_seed(31))
     fused = sparsify.della_drop(tau, 0.5, 0.15, uniform)
     assert same_bits(fused, torch_path(sparsify.della_drop, tau, 0.5, 0.15, uniform))
+
+
+@pytest.mark.parametrize("compiler", [None, "false"])  # no compiler at all; one whose build fails
+def test_without_a_working_compiler_merges_take_the_torch_path(tiny_family, tmp_path, monkeypatch, caplog,
+                                                               compiler):
+    from distmerge.methods import native
+
+    fused = merge(tiny_family, "ties", tmp_path / "fused", 0)
+    monkeypatch.setattr(native, "_candidates", lambda name: [tmp_path / "cache" / name])
+    monkeypatch.setattr(native, "_compiler", lambda: compiler)
+    native.library.cache_clear()
+    try:
+        assert not cpu_kernels.enabled(torch.zeros(1))
+        assert "torch path" in caplog.text
+        assert merge(tiny_family, "ties", tmp_path / "torch", 0) == fused
+    finally:
+        native.library.cache_clear()
