@@ -23,20 +23,21 @@ FLOAT_REDUCTIONS = {"model_stock"}  # methods whose result depends on the order 
 LINES = {"alpha": "auto", "beta": 0.5}
 
 
+def _every_method(family, root, device: str) -> dict[str, dict[str, bytes]]:
+    """Single-process merges of every method (and RAM+ with LiNeS auto alpha) on one device."""
+    outputs = {m: merge(family, m, root / m, 0, device=device) for m in method_names()}
+    outputs["ram_plus+lines"] = merge(family, "ram_plus", root / "lines", 0, LINES, device=device)
+    return outputs
+
+
 @pytest.fixture(scope="module")
 def cpu_outputs(tiny_family, tmp_path_factory) -> dict[str, dict[str, bytes]]:
-    root = tmp_path_factory.mktemp("cpu")
-    outputs = {m: merge(tiny_family, m, root / m, 0, device="cpu") for m in method_names()}
-    outputs["ram_plus+lines"] = merge(tiny_family, "ram_plus", root / "lines", 0, LINES, device="cpu")
-    return outputs
+    return _every_method(tiny_family, tmp_path_factory.mktemp("cpu"), "cpu")
 
 
 @pytest.fixture(scope="module")
 def gpu_outputs(tiny_family, tmp_path_factory) -> dict[str, dict[str, bytes]]:
-    root = tmp_path_factory.mktemp("gpu")
-    outputs = {m: merge(tiny_family, m, root / m, 0, device="cuda") for m in method_names()}
-    outputs["ram_plus+lines"] = merge(tiny_family, "ram_plus", root / "lines", 0, LINES, device="cuda")
-    return outputs
+    return _every_method(tiny_family, tmp_path_factory.mktemp("gpu"), "cuda")
 
 
 def _tensors(shards: dict[str, bytes]) -> dict[str, torch.Tensor]:

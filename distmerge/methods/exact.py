@@ -37,12 +37,8 @@ def abs_sum_partial(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.
     if keep is not None:
         slot = slot.add_(keep.flatten(), alpha=NUM_EXPONENTS)
         buckets = 2
-    units = torch.zeros(buckets, NUM_EXPONENTS, dtype=torch.int64)
-    for start in range(0, magnitudes.numel(), _MAX_ELEMENTS_PER_CALL):
-        part = slice(start, start + _MAX_ELEMENTS_PER_CALL)
-        sums = torch.bincount(slot[part], weights=magnitudes[part].double(), minlength=buckets * NUM_EXPONENTS)
-        units += (sums.cpu().view(buckets, NUM_EXPONENTS) * _UNITS_PER_VALUE).to(torch.int64)
-    return units[0] if keep is None else torch.stack([units[0] + units[1], units[1]])
+    return _partials(magnitudes.numel(), buckets, lambda part: torch.bincount(
+        slot[part], weights=magnitudes[part].double(), minlength=buckets * NUM_EXPONENTS))
 
 
 def abs_sum_partial_below(x: torch.Tensor, uniform: torch.Tensor, density: float) -> torch.Tensor:
@@ -50,12 +46,18 @@ def abs_sum_partial_below(x: torch.Tensor, uniform: torch.Tensor, density: float
     if not cpu_kernels.enabled(x, uniform):
         return abs_sum_partial(x, uniform < density)
     flat_x, flat_u = x.reshape(-1), uniform.reshape(-1)
-    units = torch.zeros(2, NUM_EXPONENTS, dtype=torch.int64)
-    for start in range(0, flat_x.numel(), _MAX_ELEMENTS_PER_CALL):
-        part = slice(start, start + _MAX_ELEMENTS_PER_CALL)
-        sums = cpu_kernels.abs_sums_by_exponent(flat_x[part], flat_u[part], density)
-        units += (sums.view(2, NUM_EXPONENTS) * _UNITS_PER_VALUE).to(torch.int64)
-    return torch.stack([units[0] + units[1], units[1]])
+    return _partials(flat_x.numel(), 2,
+                     lambda part: cpu_kernels.abs_sums_by_exponent(flat_x[part], flat_u[part], density))
+
+
+def _partials(numel: int, buckets: int, part_sums) -> torch.Tensor:
+    """Integer partials from float64 sums per (bucket, exponent) of slices of at most _MAX_ELEMENTS_PER_CALL
+    entries (each exact); with two buckets (not kept, kept) the result is [all, kept]."""
+    units = torch.zeros(buckets, NUM_EXPONENTS, dtype=torch.int64)
+    for start in range(0, numel, _MAX_ELEMENTS_PER_CALL):
+        sums = part_sums(slice(start, start + _MAX_ELEMENTS_PER_CALL))
+        units += (sums.cpu().view(buckets, NUM_EXPONENTS) * _UNITS_PER_VALUE).to(torch.int64)
+    return units[0] if buckets == 1 else torch.stack([units[0] + units[1], units[1]])
 
 
 def partial_value(partial: torch.Tensor) -> float:

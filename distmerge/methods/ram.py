@@ -125,23 +125,27 @@ def ram_combine(
     return choose(count >= 2, shared_mean, keep(count == 1, scaled_sum))
 
 
-def _fused(inputs: MergeInputs) -> bool:
-    return cpu_kernels.enabled(*inputs.deltas)
+def _overlap(inputs: MergeInputs, epsilon: float) -> tuple[list[int], list[int]]:
+    """Per model (shared, unique) active counts of the weighted task vectors (fused on CPU)."""
+    if cpu_kernels.enabled(*inputs.deltas):
+        return cpu_kernels.ram_overlap_counts(inputs.deltas, inputs.weights, epsilon)
+    return _overlap_counts(*_activity(_weighted(inputs), epsilon))
+
+
+def _merge(inputs: MergeInputs, epsilon: float, unique_scales: Sequence[float]) -> torch.Tensor:
+    """`ram_combine` of the weighted task vectors and their activity (fused on CPU)."""
+    if cpu_kernels.enabled(*inputs.deltas):
+        return cpu_kernels.ram_combine(inputs.deltas, inputs.weights, epsilon, unique_scales)
+    taus = _weighted(inputs)
+    return ram_combine(taus, *_activity(taus, epsilon), unique_scales)
 
 
 def ram(inputs: MergeInputs, params: RamParams, ctx: TensorContext) -> torch.Tensor:
-    if _fused(inputs):
-        return cpu_kernels.ram_combine(inputs.deltas, inputs.weights, params.epsilon, [1.0] * len(inputs.deltas))
-    taus = _weighted(inputs)
-    masks, count = _activity(taus, params.epsilon)
-    return ram_combine(taus, masks, count, [1.0] * len(taus))
+    return _merge(inputs, params.epsilon, [1.0] * len(inputs.deltas))
 
 
 def _map_overlap(inputs: MergeInputs, params: RamPlusParams, ctx: TensorContext) -> PartialStats:
-    if _fused(inputs):
-        shared, unique = cpu_kernels.ram_overlap_counts(inputs.deltas, inputs.weights, params.epsilon)
-    else:
-        shared, unique = _overlap_counts(*_activity(_weighted(inputs), params.epsilon))
+    shared, unique = _overlap(inputs, params.epsilon)
     return {
         "shared": torch.tensor(shared, dtype=torch.int64),
         "unique": torch.tensor(unique, dtype=torch.int64),
@@ -162,11 +166,7 @@ def ram_plus(inputs: MergeInputs, params: RamPlusParams, ctx: TensorContext) -> 
             "ram_plus needs its statistics phase (whole-checkpoint overlap counts) to run before the merge; "
             "run it with distmerge.methods.stats.run_stats_phases"
         )
-    if _fused(inputs):
-        return cpu_kernels.ram_combine(inputs.deltas, inputs.weights, params.epsilon, ctx.stats[LAMBDAS_KEY])
-    taus = _weighted(inputs)
-    masks, count = _activity(taus, params.epsilon)
-    return ram_combine(taus, masks, count, ctx.stats[LAMBDAS_KEY])
+    return _merge(inputs, params.epsilon, ctx.stats[LAMBDAS_KEY])
 
 
 TENSOR_SCALES_KEY = "ram_plus_tensor_scales"
@@ -184,18 +184,10 @@ def _finalize_tensor_scales(summed: PartialStats, params: RamPlusTensorParams) -
 
 
 def ram_plus_tensor(inputs: MergeInputs, params: RamPlusTensorParams, ctx: TensorContext) -> torch.Tensor:
-    if _fused(inputs):
-        scales = ctx.stats.get(TENSOR_SCALES_KEY)
-        if scales is None:
-            counts = cpu_kernels.ram_overlap_counts(inputs.deltas, inputs.weights, params.epsilon)
-            scales = _tensor_scales(*counts, params)
-        return cpu_kernels.ram_combine(inputs.deltas, inputs.weights, params.epsilon, scales)
-    taus = _weighted(inputs)
-    masks, count = _activity(taus, params.epsilon)
     scales = ctx.stats.get(TENSOR_SCALES_KEY)  # from the tensor phase when merged in row chunks
     if scales is None:
-        scales = _tensor_scales(*_overlap_counts(masks, count), params)
-    return ram_combine(taus, masks, count, scales)
+        scales = _tensor_scales(*_overlap(inputs, params.epsilon), params)
+    return _merge(inputs, params.epsilon, scales)
 
 
 register(

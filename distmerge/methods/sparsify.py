@@ -33,12 +33,11 @@ def keep_count(density: float, numel: int) -> int:
     return min(numel, max(1, round(density * numel)))
 
 
-def keep_above(tau: torch.Tensor, threshold: float | torch.Tensor,
-               magnitudes: torch.Tensor | None = None) -> torch.Tensor:
-    """Zero every entry with |tau| < threshold (`magnitudes`: |tau| if at hand); entries equal to it are kept."""
+def keep_above(tau: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """Zero every entry with |tau| < threshold; entries equal to it are kept."""
     if not isinstance(threshold, torch.Tensor) and cpu_kernels.enabled(tau):
         return cpu_kernels.keep_at_least(tau, threshold)
-    return keep((tau.abs() if magnitudes is None else magnitudes) >= threshold, tau)
+    return keep(tau.abs() >= threshold, tau)
 
 
 def magnitude_topk(tau: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
@@ -51,10 +50,7 @@ def magnitude_topk(tau: torch.Tensor, density: float, threshold: float | None = 
         return keep_above(tau, threshold)
     if k == tau.numel():
         return tau.clone()
-    if cpu_kernels.enabled(tau):
-        return keep_above(tau, tensor_order_statistics(tau, [k - 1])[0].value)
-    magnitudes = tau.abs()
-    return keep_above(tau, tensor_order_statistics(magnitudes, [k - 1])[0].value, magnitudes)
+    return keep_above(tau, tensor_order_statistics(tau, [k - 1])[0].value)
 
 
 def dare_keep(tau: torch.Tensor, density: float, uniform: torch.Tensor) -> torch.Tensor:
@@ -128,12 +124,14 @@ def breadcrumbs_band(tau: torch.Tensor, density: float, gamma: float, *, numel: 
         # The equal entries have ranks bound.greater + before + (their index among the equal ones here):
         # those outside [first, stop) are dropped (set to +0.0, as `keep` drops).
         low, high = first - bound.greater - before, stop - bound.greater - before
-        if (low > 0 or high < bound.equal - before) and cpu_kernels.enabled(tau, out):
+        if low <= 0 and high >= bound.equal - before:
+            continue  # every equal entry here is inside the band
+        if cpu_kernels.enabled(tau, out):
             cpu_kernels.drop_equal_outside(out, tau, bound.value, low, high)
-        elif low > 0 or high < bound.equal - before:
-            positions = (tau.abs() == bound.value).flatten().nonzero().squeeze(1)
-            dropped = torch.cat([positions[:max(low, 0)], positions[max(high, 0):]])
-            out.view(-1)[dropped] = 0.0
+            continue
+        positions = (tau.abs() == bound.value).flatten().nonzero().squeeze(1)
+        dropped = torch.cat([positions[:max(low, 0)], positions[max(high, 0):]])
+        out.view(-1)[dropped] = 0.0
     return out
 
 
