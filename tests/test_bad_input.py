@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from distmerge.checkpoint import CheckpointIndex
-from distmerge.cli import main
+from distmerge.cli import cli, main
 from distmerge.errors import CheckpointError, StorageError
 from distmerge.storage import Location
 from tests.conftest import upload
@@ -81,6 +85,20 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: file model.safetensors, tensor 'w': unknown dtype") and "Traceback" not in err
+
+
+def test_console_script_keeps_its_exit_status_and_output(tmp_path):
+    """The `distmerge` script ends with os._exit (skipping interpreter teardown): the status and everything it
+    printed still come through, as from the in-process command."""
+    script = str(Path(sys.executable).with_name("distmerge"))
+    put(Location(str(tmp_path)), CASES["unknown_dtype"][0])
+    bad = subprocess.run([script, "inspect", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.startswith("error: file model.safetensors, tensor 'w': unknown dtype")
+    listed = subprocess.run([script, "methods"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout == CliRunner().invoke(cli, ["methods"]).output
+    assert subprocess.run([script, "no-such-command"], capture_output=True, timeout=120).returncode == 2
 
 
 def test_truncated_data_section_fails_on_read_not_silently(tiny_qwen2, tmp_path):

@@ -170,7 +170,8 @@ def test_ray_job_submit_runs_pipeline_and_failures_fail_the_job(ray_head, tiny_f
 
 def test_cli_merge_on_its_own_local_ray_matches_the_single_process_merge(tiny_family, tmp_path):
     """`distmerge merge --workers N` starts its local Ray early (while torch imports), merges on it and stops
-    it: the same bytes as without Ray, and no Ray process of its own left behind."""
+    it: the same bytes as without Ray, no autoscaler monitor or dashboard, and no Ray process of its own left
+    behind."""
     recipe = write_recipe(tmp_path, tiny_family, str(tmp_path / "local"), method="ties")
     local = distmerge("merge", str(recipe), "--block-size", "64KiB", "--no-progress")
     assert local.returncode == 0, local.stderr[-2000:]
@@ -184,5 +185,9 @@ def test_cli_merge_on_its_own_local_ray_matches_the_single_process_merge(tiny_fa
     assert "published" in on_ray.stdout
     assert shards(tmp_path / "ray-out") == shards(tmp_path / "local")
     leftovers = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
+    logs = {p.name for p in ray_tmp.glob("ray/session_*/logs/*")}
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert leftovers == [], f"Ray processes left behind: {leftovers}"
+    # The local Ray was lean: GCS, raylet and its agents ran, the autoscaler monitor and dashboard did not.
+    assert {"gcs_server.out", "raylet.out", "log_monitor.log"} <= logs, sorted(logs)
+    assert not {name for name in logs if name.startswith(("monitor.", "dashboard."))}, sorted(logs)

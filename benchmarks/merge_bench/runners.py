@@ -106,11 +106,11 @@ def ray_baseline_worker(workers: int) -> None:
     import ray
 
     import distmerge
-    from distmerge.local_ray import local_ray_init_kwargs
+    from distmerge.local_ray import init_local_ray
     from distmerge.options import RunOptions
 
     options = RunOptions(workers=workers)
-    ray.init(**local_ray_init_kwargs(options))
+    init_local_ray(options)
 
     @ray.remote(num_cpus=options.cpus_per_worker)
     class Idle:
