@@ -138,6 +138,30 @@ def test_della_row_ranks(torch_path, row_len):
     assert same_bits(fused, torch_path(sparsify.della_drop, tau, 0.5, 0.15, uniform))
 
 
+def della_rows(kind: str, rows: int, row_len: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(32)
+    if kind == "sparse":  # an RL-like vector: most entries exactly zero
+        tau = torch.randn(rows, row_len, generator=gen) * 1e-3
+        return tau * (torch.rand(rows, row_len, generator=gen) < 0.03)
+    if kind == "bf16_deltas":  # differences of bf16 weights: few distinct magnitudes, many repeated
+        base = (torch.randn(rows, row_len, generator=gen) * 0.02).bfloat16()
+        return (base + torch.randn(rows, row_len, generator=gen).bfloat16() * 1e-3).float() - base.float()
+    # Distinct fp32 magnitudes crowded into one bucket by two outliers per row: the kernel's insertion sort
+    # would go quadratic, so it ranks these rows by radix instead.
+    tau = 1.0 + torch.rand(rows, row_len, generator=gen) * 1e-3
+    tau[:, 5], tau[:, 7] = 1e30, -1e-30
+    return tau
+
+
+@pytest.mark.parametrize("kind", ["sparse", "bf16_deltas", "crowded_by_outliers"])
+@pytest.mark.parametrize("row_len", [896, 4864])
+def test_della_row_ranks_on_typical_and_crowded_rows(torch_path, kind, row_len):
+    tau = della_rows(kind, 7, row_len)
+    uniform = torch.rand(tau.shape, generator=torch.Generator().manual_seed(33))
+    fused = sparsify.della_drop(tau, 0.3, 0.15, uniform)
+    assert same_bits(fused, torch_path(sparsify.della_drop, tau, 0.3, 0.15, uniform))
+
+
 @pytest.mark.parametrize("compiler", [None, "false"])  # no compiler at all; one whose build fails
 def test_without_a_working_compiler_merges_take_the_torch_path(tiny_family, tmp_path, monkeypatch, caplog,
                                                                compiler):

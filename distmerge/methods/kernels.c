@@ -230,57 +230,123 @@ HOT void ram_combine(const float *const *taus, int64_t models, const float *weig
     }
 }
 
-/* DELLA per row of tau [rows, n]: rank entries by |tau| ascending, equal magnitudes by column (a stable LSD
- * radix sort of the 31-bit magnitude patterns, 8 bits a pass; all four digit histograms from one counting
- * pass, in four interleaved copies so that runs of equal digits do not serialize on one counter), then keep
- * entry j of rank r where uniform < keep_prob[r], divided by keep_prob[r]. Returns -1 when scratch memory
- * is not available. */
+/* DELLA needs each entry's rank by |tau| within its row, ascending, equal magnitudes by column: the order of
+ * (31-bit magnitude pattern, column). rank_row_by_buckets finds it in a few passes over the row: zeros (most of
+ * a sparse RL vector) form the first bucket, the other keys fall into ~n buckets by (key - smallest) >> shift,
+ * a histogram gives each bucket its slots, keys are scattered there in column order and one insertion sort
+ * over the whole row orders each bucket (keys never move across buckets: every bucket's keys exceed the
+ * previous one's; equal keys never swap, so they stay in column order). Returns 0 with order[rank] = column,
+ * or 1 once the insertion sort has moved keys MOVE_BUDGET times per entry (a row whose spread is dominated by
+ * outliers crowds many distinct keys into few buckets, where insertion sort goes quadratic): the caller then
+ * sorts the row by radix. Equal keys (bf16 deltas repeat magnitudes) crowd buckets too, but cost no moves. */
+#define MOVE_BUDGET 8
+static int rank_row_by_buckets(const int32_t *bits, int64_t n, int64_t buckets, int32_t *keys, int32_t *sorted,
+                               int32_t *order, int32_t *start) {
+    int32_t lowest = ABS_MASK, highest = 0;
+    for (int64_t j = 0; j < n; j++) {
+        int32_t k = bits[j] & ABS_MASK;
+        keys[j] = k;
+        if (k && k < lowest) lowest = k;
+        if (k > highest) highest = k;
+    }
+    int shift = 0;
+    while (((uint32_t)(highest - lowest) >> shift) > (uint32_t)(buckets - 2)) shift++;
+    memset(start, 0, (size_t)(buckets + 1) * sizeof(int32_t));
+    for (int64_t j = 0; j < n; j++) {
+        int32_t k = keys[j];
+        start[k ? 1 + ((k - lowest) >> shift) : 0]++;
+    }
+    int32_t position = 0;
+    for (int64_t b = 0; b < buckets; b++) {
+        int32_t c = start[b];
+        start[b] = position;
+        position += c;
+    }
+    for (int64_t j = 0; j < n; j++) {
+        int32_t k = keys[j];
+        int32_t slot = start[k ? 1 + ((k - lowest) >> shift) : 0]++;
+        sorted[slot] = k;
+        order[slot] = (int32_t)j;
+    }
+    int64_t moves_left = MOVE_BUDGET * n;
+    for (int64_t i = 1; i < n; i++) {
+        int32_t k = sorted[i], column = order[i];
+        int64_t m = i;
+        for (; m > 0 && sorted[m - 1] > k; m--) {
+            sorted[m] = sorted[m - 1];
+            order[m] = order[m - 1];
+        }
+        sorted[m] = k;
+        order[m] = column;
+        moves_left -= i - m;
+        if (moves_left < 0) return 1;
+    }
+    return 0;
+}
+
+/* The same order by a stable LSD radix sort of the keys, 8 bits a pass (all four digit histograms from one
+ * counting pass, in four interleaved copies so that runs of equal digits do not serialize on one counter).
+ * Returns the array holding order[rank] = column (one of the two order buffers). */
+static int32_t *rank_row_by_radix(const int32_t *bits, int64_t n, int32_t *scratch) {
+    int32_t *keys = scratch, *order = scratch + n, *keys_next = scratch + 2 * n, *order_next = scratch + 3 * n;
+    int32_t counts[4][4][256]; /* [copy][digit position][digit] */
+    int64_t offsets[256];
+    memset(counts, 0, sizeof counts);
+    for (int64_t j = 0; j < n; j++) {
+        int32_t k = bits[j] & ABS_MASK;
+        int c = (int)(j & 3);
+        keys[j] = k;
+        order[j] = (int32_t)j;
+        counts[c][0][k & 255]++;
+        counts[c][1][(k >> 8) & 255]++;
+        counts[c][2][(k >> 16) & 255]++;
+        counts[c][3][(k >> 24) & 255]++;
+    }
+    for (int pass = 0; pass < 4; pass++) {
+        int64_t position = 0;
+        int moves = 1;
+        for (int d = 0; d < 256; d++) {
+            int64_t c = (int64_t)counts[0][pass][d] + counts[1][pass][d] + counts[2][pass][d] + counts[3][pass][d];
+            if (c == n) moves = 0; /* every key has this digit: the pass would move nothing */
+            offsets[d] = position;
+            position += c;
+        }
+        if (!moves) continue;
+        int shift = 8 * pass;
+        for (int64_t j = 0; j < n; j++) {
+            int64_t slot = offsets[(keys[j] >> shift) & 255]++;
+            keys_next[slot] = keys[j];
+            order_next[slot] = order[j];
+        }
+        int32_t *swap = keys; keys = keys_next; keys_next = swap;
+        swap = order; order = order_next; order_next = swap;
+    }
+    return order;
+}
+
+/* DELLA per row of tau [rows, n]: keep entry j of rank r where uniform < keep_prob[r], divided by
+ * keep_prob[r]. Returns -1 when scratch memory is not available. */
 int della_rows(const float *tau, const float *uniform, const float *keep_prob, int64_t rows, int64_t n,
                float *out) {
-    int32_t *scratch = malloc(4 * (size_t)n * sizeof(int32_t));
+    int64_t buckets = 256;
+    while (buckets < n) buckets *= 2;
+    int32_t *scratch = malloc((4 * (size_t)n + (size_t)buckets + 1) * sizeof(int32_t));
     if (!scratch) return -1;
-    int32_t *base = scratch;
-    int32_t counts[4][4][256]; /* [copy][digit position][digit] */
-    int64_t offsets[4][256];
     for (int64_t r = 0; r < rows; r++) {
-        int32_t *keys = base, *order = base + n, *keys_next = base + 2 * n, *order_next = base + 3 * n;
         const int32_t *bits = (const int32_t *)(tau + r * n);
-        memset(counts, 0, sizeof counts);
-        for (int64_t j = 0; j < n; j++) {
-            int32_t k = bits[j] & ABS_MASK;
-            int c = (int)(j & 3);
-            keys[j] = k;
-            order[j] = (int32_t)j;
-            counts[c][0][k & 255]++;
-            counts[c][1][(k >> 8) & 255]++;
-            counts[c][2][(k >> 16) & 255]++;
-            counts[c][3][(k >> 24) & 255]++;
-        }
-        for (int pass = 0; pass < 4; pass++) {
-            int64_t position = 0;
-            int moves = 1;
-            for (int d = 0; d < 256; d++) {
-                int64_t c = (int64_t)counts[0][pass][d] + counts[1][pass][d] + counts[2][pass][d] + counts[3][pass][d];
-                if (c == n) moves = 0; /* every key has this digit: the pass would move nothing */
-                offsets[pass][d] = position;
-                position += c;
-            }
-            if (!moves) continue;
-            int shift = 8 * pass;
-            for (int64_t j = 0; j < n; j++) {
-                int64_t slot = offsets[pass][(keys[j] >> shift) & 255]++;
-                keys_next[slot] = keys[j];
-                order_next[slot] = order[j];
-            }
-            int32_t *swap = keys; keys = keys_next; keys_next = swap;
-            swap = order; order = order_next; order_next = swap;
-        }
+        int32_t *order = scratch + 2 * n;
+        if (rank_row_by_buckets(bits, n, buckets, scratch, scratch + n, order, scratch + 4 * n))
+            order = rank_row_by_radix(bits, n, scratch);
         const float *row = tau + r * n, *u = uniform + r * n;
         float *o = out + r * n;
+        uint32_t *o_bits = (uint32_t *)o;
         for (int64_t rank = 0; rank < n; rank++) {
             int32_t j = order[rank];
-            float p = keep_prob[rank], kept = row[j] / p; /* divide first: a select, not a coin-flip branch */
-            o[j] = u[j] < p ? kept : 0.0f;
+            float p = keep_prob[rank], kept = row[j] / p;
+            /* keep or +0.0 by a bit mask: a coin flip as a branch mispredicts every other entry */
+            uint32_t mask = 0u - (uint32_t)(u[j] < p), kept_bits;
+            memcpy(&kept_bits, &kept, sizeof kept_bits);
+            o_bits[j] = kept_bits & mask;
         }
     }
     free(scratch);
