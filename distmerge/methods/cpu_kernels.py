@@ -100,6 +100,20 @@ def drop_equal_outside(out: torch.Tensor, tau: torch.Tensor, value: float, low: 
     _lib().drop_equal_outside(_ptr(out), _ptr(tau), tau.numel(), value, low, high)
 
 
+def pcg64_raw(bit_generator: np.random.PCG64, steps: int) -> np.ndarray | None:
+    """`bit_generator.random_raw(steps)` (without moving the generator on); None when the kernels are off."""
+    if not _switched_on():
+        return None
+    state = bit_generator.state["state"]
+    raw = np.empty(steps, dtype="<u8")
+    _lib().pcg64_raw(state["state"] >> 64, state["state"] & _LOW_64, state["inc"] >> 64, state["inc"] & _LOW_64,
+                     steps, _ptr(raw))
+    return raw
+
+
+_LOW_64 = (1 << 64) - 1
+
+
 def uniform_in_place(raw: np.ndarray, skip: int, count: int) -> np.ndarray | None:
     """rng's numbers [skip, skip + count) of the stream whose 64-bit steps are `raw`, written over raw's own
     memory (4 bytes a number); None when the kernels are off."""

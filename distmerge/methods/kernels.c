@@ -82,6 +82,35 @@ void drop_equal_outside(float *out, const float *x, int64_t n, float value, int6
     }
 }
 
+/* numpy's PCG64 (a 128-bit LCG, XSL-RR output): raw[t] = the (t + 1)-th 64-bit output after the state
+ * (state, inc), as bit_generator.random_raw gives it. One LCG step depends on the previous one, so a single
+ * chain runs at the latency of a 128-bit multiply; four interleaved chains, each jumping four steps at once
+ * (s -> a^4 s + c (a^3 + a^2 + a + 1), the same arithmetic mod 2^128), run it about four times as fast. */
+typedef unsigned __int128 u128;
+#define PCG_MULTIPLIER (((u128)0x2360ED051FC65DA4ULL << 64) | 0x4385DF649FCCF645ULL)
+
+static inline uint64_t pcg_output(u128 state) {
+    uint64_t x = (uint64_t)(state >> 64) ^ (uint64_t)state;
+    unsigned rot = (unsigned)(state >> 122);
+    return (x >> rot) | (x << ((-rot) & 63));
+}
+
+void pcg64_raw(uint64_t state_high, uint64_t state_low, uint64_t inc_high, uint64_t inc_low, int64_t steps,
+               uint64_t *raw) {
+    const u128 a = PCG_MULTIPLIER, c = ((u128)inc_high << 64) | inc_low;
+    u128 lane[4], s = ((u128)state_high << 64) | state_low;
+    for (int k = 0; k < 4; k++) lane[k] = s = a * s + c;
+    const u128 a2 = a * a, a4 = a2 * a2, c4 = c * (a2 * a + a2 + a + 1);
+    int64_t t = 0;
+    for (; t + 4 <= steps; t += 4) {
+        for (int k = 0; k < 4; k++) {
+            raw[t + k] = pcg_output(lane[k]);
+            lane[k] = a4 * lane[k] + c4;
+        }
+    }
+    for (int k = 0; t < steps; t++, k++) raw[t] = pcg_output(lane[k]);
+}
+
 /* values[i] = (words[i + skip] >> 8) * 2^-24 (exact), over the same buffer: a forward loop reads each word
  * before any write reaches it. */
 void uniform_in_place(const uint32_t *words, float *values, int64_t skip, int64_t count) {

@@ -37,6 +37,7 @@ _SIGNATURES = {
     "keep_band": [_P, _I64, _F32, _F32, _P],
     "count_equal_magnitudes": [_P, _I64, _F32, _F32, _P],
     "drop_equal_outside": [_P, _P, _I64, _F32, _I64, _I64],
+    "pcg64_raw": [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, _I64, _P],
     "uniform_in_place": [_P, _P, _I64, _I64],
     "dare": [_P, _P, _I64, _F32, _F32, ctypes.c_int, _P],
     "abs_sum_by_exponent": [_P, _P, _I64, _F32, ctypes.c_int, _P],

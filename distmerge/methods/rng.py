@@ -34,12 +34,15 @@ def segment_uniform(seed: int, name: str, index: int, segment: int, start: int, 
 
     The stream is numpy's `Generator(PCG64).random(dtype=float32)`: each number is the next 32 random bits
     (the low half of a 64-bit step, then the high half) shifted right by 8, times 2^-24. Built here from the raw
-    64-bit steps, which gives the same numbers at less than half the cost.
+    64-bit steps, which gives the same numbers at less than half the cost; the C kernels draw those steps
+    themselves from the generator's state (four interleaved LCG chains, ~1.8x numpy's `random_raw`).
     """
     bit_generator = np.random.PCG64(mask_seed(seed, name, index, segment))
     bit_generator.advance(start // 2)  # two numbers per step: land on the step holding number `start`
     count = stop - start + start % 2
-    raw = bit_generator.random_raw((count + 1) // 2).astype("<u8", copy=False)
+    raw = cpu_kernels.pcg64_raw(bit_generator, (count + 1) // 2)
+    if raw is None:
+        raw = bit_generator.random_raw((count + 1) // 2).astype("<u8", copy=False)
     fused = cpu_kernels.uniform_in_place(raw, start % 2, stop - start)
     if fused is not None:
         return torch.from_numpy(fused)
