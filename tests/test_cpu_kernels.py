@@ -109,6 +109,18 @@ def test_random_stream_same_numbers(torch_path, start, stop):
     assert torch.equal(fused, torch_path(segment_uniform, 7, "layer.weight", 2, 1, start, stop))
 
 
+@pytest.mark.parametrize("seed", [0, 2**63 + 5, 2**64 - 1])
+@pytest.mark.parametrize("jump", [0, 1, 2**40 + 3])
+def test_pcg64_steps_are_numpys(seed, jump):
+    import numpy as np
+
+    for steps in (0, 1, 3, 4, 5, 1001):
+        generator = np.random.PCG64(seed)
+        generator.advance(jump)
+        drawn = cpu_kernels.pcg64_raw(generator, steps)
+        assert np.array_equal(drawn, generator.random_raw(steps)), steps  # the kernel leaves the state as it was
+
+
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, 1.0, 2.0]])
 @pytest.mark.parametrize("scales", [[1.0, 1.0, 1.0], [1.2, 1.0, 1.05]])
 def test_ram(torch_path, weights, scales):
