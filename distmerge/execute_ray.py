@@ -2,10 +2,11 @@
 
 Ray stays at this edge: `MergeWorker` is a thin actor around `BlockMerger`. The job (plan + indexes) is put
 in the object store once; each task carries a block id and returns a small manifest (partial statistics or
-a shard record), never tensors. The driver keeps at most `in_flight_per_worker` blocks queued per actor
-(`ray.wait`, no `ray.get` in a loop). When an actor dies (process killed, node lost) its in-flight blocks are
-requeued on a replacement actor; blocks are idempotent (a retried shard is rewritten from scratch under the
-staging prefix), so the output is byte-identical whatever failed.
+a shard record), never tensors. The driver gives each actor a block per thread, plus `in_flight_per_worker`
+queued ahead while more than a round of blocks is left (`ray.wait`, no `ray.get` in a loop). When an actor
+dies (process killed, node lost) its in-flight blocks are requeued on a replacement actor; blocks are
+idempotent (a retried shard is rewritten from scratch under the staging prefix), so the output is
+byte-identical whatever failed.
 
 A local Ray started for a merge is lean (`local_ray`): no dashboard unless asked, a small object store, no
 idle workers prestarted (each would be one more Python process of ~80 MB), one actor per worker. Each
@@ -129,6 +130,24 @@ class WorkerPool:
             ray.shutdown()
 
 
+def dispatch_slots(load: dict[int, int], queued: int, threads: int, ahead: int) -> list[int]:
+    """The actor slots that the next queued blocks go to, in queue order (updates `load`, blocks per slot).
+
+    Breadth first: every actor gets a block for each of its threads; `ahead` more are queued on an actor (so
+    a thread that finishes starts the next at once) only while more than a round of blocks is left. The last
+    round goes to whichever thread frees up first: queued ahead, a block could wait behind a slow one while
+    another worker idles.
+    """
+    slots = []
+    for depth in (threads, threads + ahead):
+        for slot in sorted(load, key=lambda s: load[s]):
+            while len(slots) < queued and load[slot] < depth and (
+                    depth == threads or queued - len(slots) > threads * len(load)):
+                slots.append(slot)
+                load[slot] += 1
+    return slots
+
+
 class RayExecutor:
     def __init__(self, job: MergeJob, staging: Location, options: RunOptions, device: str,
                  pool: WorkerPool | None = None):
@@ -162,15 +181,11 @@ class RayExecutor:
         started: dict[Any, float] = {}
         load = dict.fromkeys(self.slots, 0)
         results: dict[int, Any] = {}
-        # one more than an actor works on at once, so a finished block's thread finds the next one queued
-        limit = max(self.options.in_flight_per_worker, self.pool.threads + 1)
         while queue or in_flight:
-            for slot in sorted(self.slots, key=lambda s: load[s]):
-                while queue and load[slot] < limit:
-                    block = queue.pop(0)
-                    ref = submit(self.pool.actors[slot], block)
-                    in_flight[ref], started[ref] = (slot, block), time.monotonic()
-                    load[slot] += 1
+            for slot in dispatch_slots(load, len(queue), self.pool.threads, self.options.in_flight_per_worker):
+                block = queue.pop(0)
+                ref = submit(self.pool.actors[slot], block)
+                in_flight[ref], started[ref] = (slot, block), time.monotonic()
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self._wait_timeout())
             if not ready:
                 self._replace_hung(in_flight, started, attempts, queue, load)

@@ -26,7 +26,9 @@ class RunOptions(BaseModel):
     overwrite: bool = Field(False, description="Replace a committed checkpoint at the output URL.")
     verify: Literal["sha256", "size"] = Field("sha256", description="How staged shards are checked before commit.")
     progress: bool = Field(True, description="Show a progress bar on the driver.")
-    in_flight_per_worker: int = Field(2, ge=1, description="Blocks queued per worker (bounds driver memory).")
+    in_flight_per_worker: int = Field(1, ge=0, description="Blocks queued on each worker beyond one per thread, "
+                                      "while more than a round of blocks is left (none for the last round, so "
+                                      "it goes to whichever worker frees up first).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs each worker reserves (fractions allowed).")
     threads_per_worker: int | None = Field(
         None, ge=1, description="Blocks each worker merges at once, one thread each (outputs do not depend on "

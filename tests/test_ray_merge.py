@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from distmerge.execute_ray import WorkerPool
+from distmerge.execute_ray import WorkerPool, dispatch_slots
 from distmerge.merge import run_merge
 from distmerge.methods import method_names
 from distmerge.options import RunOptions
@@ -98,3 +98,18 @@ def test_s3_inputs_and_output_on_ray_same_bytes(pool, tiny_family, references, s
     got = {n: out.child(n).read_bytes() for n in sorted(out.list()) if n.endswith(".safetensors")}
     assert got == references["ties"]
     assert not Location(f"{url}/out/.ties.distmerge-staging", options).exists()
+
+
+def test_dispatch_leaves_the_last_round_to_whichever_worker_frees_up():
+    load = {0: 0, 1: 0}
+    # 2 single-thread workers, 4 blocks: one each; blocks 2 and 3 wait for the first free thread, instead of
+    # queuing behind a block that may be slow while the other worker idles.
+    assert dispatch_slots(load, 4, threads=1, ahead=1) == [0, 1]
+    assert load == {0: 1, 1: 1}
+    assert dispatch_slots({0: 0, 1: 0}, 10, threads=1, ahead=1) == [0, 1, 0, 1]  # long queue: one queued ahead
+    assert dispatch_slots({0: 0, 1: 0}, 10, threads=1, ahead=0) == [0, 1]
+    assert dispatch_slots({0: 0}, 4, threads=2, ahead=1) == [0, 0]
+    assert dispatch_slots({0: 0}, 5, threads=2, ahead=1) == [0, 0, 0]
+    assert dispatch_slots({0: 1, 1: 0}, 1, threads=1, ahead=1) == [1]  # the free worker
+    assert dispatch_slots({0: 1, 1: 1}, 3, threads=1, ahead=1) == [0]  # 3 left: more than a round
+    assert dispatch_slots({0: 1, 1: 1}, 2, threads=1, ahead=1) == []  # the last round waits for free threads
