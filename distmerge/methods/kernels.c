@@ -353,6 +353,19 @@ static int32_t *rank_row_by_radix(const int32_t *bits, int64_t n, int32_t *scrat
     return order;
 }
 
+/* out[j] = tau[j] / p where uniform[j] < p, else +0.0 (a bit mask: a coin flip as a branch mispredicts every
+ * other entry), with p = keep_prob[rank_of[j]]. */
+HOT static void keep_by_rank(const float *tau, const float *uniform, const float *keep_prob,
+                             const int32_t *rank_of, int64_t n, float *out) {
+    uint32_t *out_bits = (uint32_t *)out;
+    for (int64_t j = 0; j < n; j++) {
+        float p = keep_prob[rank_of[j]], kept = tau[j] / p;
+        uint32_t mask = 0u - (uint32_t)(uniform[j] < p), kept_bits;
+        memcpy(&kept_bits, &kept, sizeof kept_bits);
+        out_bits[j] = kept_bits & mask;
+    }
+}
+
 /* DELLA per row of tau [rows, n]: keep entry j of rank r where uniform < keep_prob[r], divided by
  * keep_prob[r]. Returns -1 when scratch memory is not available. */
 int della_rows(const float *tau, const float *uniform, const float *keep_prob, int64_t rows, int64_t n,
@@ -366,17 +379,11 @@ int della_rows(const float *tau, const float *uniform, const float *keep_prob, i
         int32_t *order = scratch + 2 * n;
         if (rank_row_by_buckets(bits, n, buckets, scratch, scratch + n, order, scratch + 4 * n))
             order = rank_row_by_radix(bits, n, scratch);
-        const float *row = tau + r * n, *u = uniform + r * n;
-        float *o = out + r * n;
-        uint32_t *o_bits = (uint32_t *)o;
-        for (int64_t rank = 0; rank < n; rank++) {
-            int32_t j = order[rank];
-            float p = keep_prob[rank], kept = row[j] / p;
-            /* keep or +0.0 by a bit mask: a coin flip as a branch mispredicts every other entry */
-            uint32_t mask = 0u - (uint32_t)(u[j] < p), kept_bits;
-            memcpy(&kept_bits, &kept, sizeof kept_bits);
-            o_bits[j] = kept_bits & mask;
-        }
+        /* rank_of[j] (the inverse permutation), then one pass in column order that vectorizes: the keep
+         * probabilities are gathered from a small table, the row, the random numbers and the output stream. */
+        int32_t *rank_of = scratch + (order == scratch + 2 * n ? 3 * n : 2 * n);
+        for (int64_t rank = 0; rank < n; rank++) rank_of[order[rank]] = (int32_t)rank;
+        keep_by_rank(tau + r * n, uniform + r * n, keep_prob, rank_of, n, out + r * n);
     }
     free(scratch);
     return 0;
