@@ -2,12 +2,16 @@
 
 The tree is the child, all its descendants, and every process whose environment or command line names the
 run's private RAY_TMPDIR (Ray daemonizes gcs_server, raylet and its agents, so they are not descendants of
-the driver). Every 50 ms the sampler sums the members' RSS (/proc/PID/statm, cheap); at most every 200 ms,
-and whenever that sum reaches a new peak, it also sums their PSS (/proc/PID/smaps_rollup, which walks page
-tables and costs a few ms per process). RSS counts a shared page once per process that maps it (torch's
-libraries in the driver and each actor, Ray's shared-memory object store); PSS divides it among them, so
-the tree's summed PSS is the memory the run really occupies. CPU time is utime + stime per process, taken
-at its last sample (a process living less than 50 ms is missed).
+the driver). Every 50 ms the sampler sums the members' RSS (/proc/PID/statm, cheap). RSS counts a shared
+page once per process that maps it (torch's libraries in the driver and each actor, Ray's shared-memory
+object store); PSS divides it among them, so the tree's summed PSS is the memory the run really occupies.
+PSS (/proc/PID/smaps_rollup) walks page tables: ~5 ms a process, ~35 ms for a Ray run's tree, which
+sampled every 200 ms took 17% of one of this machine's two cores and slowed the run it measured by ~2 s.
+So PSS is summed only when it could be a new peak (the RSS sum, its upper bound, is above the PSS peak):
+when the RSS sum reaches a new peak (at most every 0.5 s) and otherwise every 1 s. A PSS peak shorter than
+that may be missed; the merges' memory is a plateau per block, which this catches. The tree is rescanned
+every 0.5 s. CPU time is utime + stime per process, taken at its last sample (a process living less than
+50 ms is missed).
 
 The machine is shared: the 1-minute load average is recorded before and after each run.
 """
@@ -119,7 +123,7 @@ class TreeSampler(threading.Thread):
 
     def sample(self) -> None:
         now = time.monotonic()
-        if now - self._last_scan > 0.25:
+        if now - self._last_scan > 0.5:
             self._members, self._last_scan = self.scan(), now
         for pid, (start, _) in list(self._members.items()):
             stat = _stat(pid)
@@ -131,7 +135,7 @@ class TreeSampler(threading.Thread):
         rss = sum(_rss(pid) for pid in self._members)
         new_peak = rss > self.peak_rss
         self.peak_rss = max(self.peak_rss, rss)
-        if now - self._last_pss > (0.1 if new_peak else 0.2):
+        if rss > self.peak_pss and now - self._last_pss > (0.5 if new_peak else 1.0):
             self._last_pss = now
             per = {pid: _pss(pid) for pid in self._members}
             pss, anon = sum(p for p, _ in per.values()), sum(a for _, a in per.values())
