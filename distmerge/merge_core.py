@@ -21,6 +21,7 @@ import torch
 
 from distmerge.checkpoint import CheckpointIndex
 from distmerge.faults import maybe_inject
+from distmerge.methods import cpu_kernels
 from distmerge.methods.exact import one_thread
 from distmerge.methods.registry import (
     MergeInputs,
@@ -186,13 +187,18 @@ class BlockMerger:
         return MergeInputs(theta0, deltas, self._weights), target
 
     def _fp32(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu" and cpu_kernels.widens(tensor):
+            return cpu_kernels.widen_bf16(tensor)
         return tensor.to(device=self.device, dtype=torch.float32)
 
     def _delta(self, tensor: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
-        """fp32 tensor - theta0. A bf16/fp16 input is upcast first (exact), then subtracted in place: the same
-        bits as torch.sub(bf16, fp32), whose mixed-dtype kernel is ~4x slower on CPU than both steps."""
+        """fp32 tensor - theta0. A bf16/fp16 input is upcast first (exact), then subtracted: the same bits as
+        torch.sub(bf16, fp32), whose mixed-dtype kernel is ~4x slower on CPU than both steps. On CPU a bf16
+        input takes one fused pass (`cpu_kernels.bf16_delta`)."""
         if tensor.dtype == torch.float32:
             return torch.sub(tensor.to(self.device), theta0)  # .to may return the input itself: no in-place op
+        if self.device.type == "cpu" and cpu_kernels.widens(tensor) and cpu_kernels.enabled(theta0):
+            return cpu_kernels.bf16_delta(tensor, theta0)
         return self._fp32(tensor).sub_(theta0)
 
     def _ctx(self, piece: Piece, stats: dict[str, Any]) -> TensorContext:

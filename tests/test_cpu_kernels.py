@@ -56,6 +56,19 @@ def test_histograms_equal_bincount(torch_path):
         assert torch.equal(fused[0], reference[0]) and fused[1] == reference[1], high_bin
 
 
+def test_bf16_widening_and_delta_equal_torch():
+    """Every bf16 bit pattern (NaNs, infinities, -0.0, subnormals) widens to torch's fp32 bits, and the fused
+    delta equals widening then subtracting, against adversarial theta0 values."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    widened = every.to(torch.float32)
+    assert torch.equal(cpu_kernels.widen_bf16(every).view(torch.int32), widened.view(torch.int32))
+    theta0 = adversarial(7, n=every.numel())
+    assert same_bits(cpu_kernels.bf16_delta(every, theta0), widened - theta0)
+    chunk = every[1000:1000 + 4097].reshape(17, 241)  # an odd-sized 2-D piece, as a row chunk is
+    assert same_bits(cpu_kernels.bf16_delta(chunk, theta0[:4097].reshape(17, 241)),
+                     chunk.float() - theta0[:4097].reshape(17, 241))
+
+
 @pytest.mark.parametrize("threshold", [0.0, 0.004, 3e38, float(torch.tensor(0.01).bfloat16())])
 def test_keep_above_and_topk(torch_path, threshold):
     tau = adversarial(1, n=401 * 450).view(401, 450)
@@ -145,6 +158,8 @@ def test_ram(torch_path, weights, scales):
 def test_della_row_ranks(torch_path, row_len):
     tau = adversarial(30, n=row_len * 41, nan=False).view(41, row_len)
     tau[3] = 0.01  # a row of equal magnitudes: ranks by column
+    tau[5] = 0.0  # all zeros: ranks by column, nothing left to sort
+    tau[6, ::2] = -0.0  # -0.0 ranks with +0.0, by column
     uniform = torch.rand(tau.shape, generator=torch.Generator().manual_seed(31))
     fused = sparsify.della_drop(tau, 0.5, 0.15, uniform)
     assert same_bits(fused, torch_path(sparsify.della_drop, tau, 0.5, 0.15, uniform))

@@ -26,6 +26,21 @@ static inline float fabs_bits(float x) {
     return v.f;
 }
 
+/* Widening bf16 to fp32 is exact: the bf16 bits are the upper half of the fp32 pattern (NaN and -0.0 kept,
+ * as torch's .to(float32)). `delta` fuses the widening with the subtraction of theta0 in one pass. */
+static inline float bf16_value(uint16_t b) {
+    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
+    return v.f;
+}
+
+HOT void widen_bf16(const uint16_t *x, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = bf16_value(x[i]);
+}
+
+HOT void bf16_delta(const uint16_t *x, const float *theta0, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = bf16_value(x[i]) - theta0[i];
+}
+
 HOT void high_histogram(const int32_t *bits, int64_t n, int64_t *histogram) {
     for (int64_t i = 0; i < n; i++) histogram[(bits[i] & ABS_MASK) >> 16]++;
 }
@@ -260,45 +275,44 @@ HOT void ram_combine(const float *const *taus, int64_t models, const float *weig
 }
 
 /* DELLA needs each entry's rank by |tau| within its row, ascending, equal magnitudes by column: the order of
- * (31-bit magnitude pattern, column). rank_row_by_buckets finds it in a few passes over the row: zeros (most of
- * a sparse RL vector) form the first bucket, the other keys fall into ~n buckets by (key - smallest) >> shift,
- * a histogram gives each bucket its slots, keys are scattered there in column order and one insertion sort
- * over the whole row orders each bucket (keys never move across buckets: every bucket's keys exceed the
- * previous one's; equal keys never swap, so they stay in column order). Returns 0 with order[rank] = column,
- * or 1 once the insertion sort has moved keys MOVE_BUDGET times per entry (a row whose spread is dominated by
- * outliers crowds many distinct keys into few buckets, where insertion sort goes quadratic): the caller then
- * sorts the row by radix. Equal keys (bf16 deltas repeat magnitudes) crowd buckets too, but cost no moves. */
+ * (31-bit magnitude pattern, column). Zeros (most of a sparse RL vector) rank first, in column order: one
+ * branch-free pass gives them their ranks and compacts the other keys with their columns, so only those are
+ * sorted (counting every zero into one bucket would chain each increment on the last through memory).
+ *
+ * sort_by_buckets sorts the c compacted keys in a few passes: keys fall into ~c buckets by
+ * (key - smallest) >> shift, a histogram gives each bucket its slots, keys are scattered there in column order
+ * and one insertion sort over all of them orders each bucket (keys never move across buckets: every bucket's
+ * keys exceed the previous one's; equal keys never swap, so they stay in column order). Returns 0 with
+ * order[i] = column of the i-th smallest, or 1 once the insertion sort has moved keys MOVE_BUDGET times per
+ * entry (a row whose spread is dominated by outliers crowds many distinct keys into few buckets, where
+ * insertion sort goes quadratic): the caller then sorts by radix. Equal keys (bf16 deltas repeat magnitudes)
+ * crowd buckets too, but cost no moves. */
 #define MOVE_BUDGET 8
-static int rank_row_by_buckets(const int32_t *bits, int64_t n, int64_t buckets, int32_t *keys, int32_t *sorted,
-                               int32_t *order, int32_t *start) {
+static int sort_by_buckets(const int32_t *keys, const int32_t *columns, int64_t c, int64_t buckets,
+                           int32_t *sorted, int32_t *order, int32_t *start) {
     int32_t lowest = ABS_MASK, highest = 0;
-    for (int64_t j = 0; j < n; j++) {
-        int32_t k = bits[j] & ABS_MASK;
-        keys[j] = k;
-        if (k && k < lowest) lowest = k;
-        if (k > highest) highest = k;
+    for (int64_t i = 0; i < c; i++) {
+        int32_t k = keys[i];
+        lowest = k < lowest ? k : lowest;
+        highest = k > highest ? k : highest;
     }
     int shift = 0;
-    while (((uint32_t)(highest - lowest) >> shift) > (uint32_t)(buckets - 2)) shift++;
-    memset(start, 0, (size_t)(buckets + 1) * sizeof(int32_t));
-    for (int64_t j = 0; j < n; j++) {
-        int32_t k = keys[j];
-        start[k ? 1 + ((k - lowest) >> shift) : 0]++;
-    }
+    while (((uint32_t)(highest - lowest) >> shift) > (uint32_t)(buckets - 1)) shift++;
+    memset(start, 0, (size_t)buckets * sizeof(int32_t));
+    for (int64_t i = 0; i < c; i++) start[(keys[i] - lowest) >> shift]++;
     int32_t position = 0;
     for (int64_t b = 0; b < buckets; b++) {
-        int32_t c = start[b];
+        int32_t count = start[b];
         start[b] = position;
-        position += c;
+        position += count;
     }
-    for (int64_t j = 0; j < n; j++) {
-        int32_t k = keys[j];
-        int32_t slot = start[k ? 1 + ((k - lowest) >> shift) : 0]++;
-        sorted[slot] = k;
-        order[slot] = (int32_t)j;
+    for (int64_t i = 0; i < c; i++) {
+        int32_t slot = start[(keys[i] - lowest) >> shift]++;
+        sorted[slot] = keys[i];
+        order[slot] = columns[i];
     }
-    int64_t moves_left = MOVE_BUDGET * n;
-    for (int64_t i = 1; i < n; i++) {
+    int64_t moves_left = MOVE_BUDGET * c;
+    for (int64_t i = 1; i < c; i++) {
         int32_t k = sorted[i], column = order[i];
         int64_t m = i;
         for (; m > 0 && sorted[m - 1] > k; m--) {
@@ -313,44 +327,63 @@ static int rank_row_by_buckets(const int32_t *bits, int64_t n, int64_t buckets, 
     return 0;
 }
 
-/* The same order by a stable LSD radix sort of the keys, 8 bits a pass (all four digit histograms from one
- * counting pass, in four interleaved copies so that runs of equal digits do not serialize on one counter).
- * Returns the array holding order[rank] = column (one of the two order buffers). */
-static int32_t *rank_row_by_radix(const int32_t *bits, int64_t n, int32_t *scratch) {
-    int32_t *keys = scratch, *order = scratch + n, *keys_next = scratch + 2 * n, *order_next = scratch + 3 * n;
+/* The same order by a stable LSD radix sort of the c keys (with their columns, in column order), 8 bits a
+ * pass (all four digit histograms from one counting pass, in four interleaved copies so that runs of equal
+ * digits do not serialize on one counter). Sorts in place, ping-ponging with the *_next buffers; returns the
+ * buffer holding order[i] = column of the i-th smallest. */
+static int32_t *sort_by_radix(int32_t *keys, int32_t *order, int64_t c, int32_t *keys_next, int32_t *order_next) {
     int32_t counts[4][4][256]; /* [copy][digit position][digit] */
     int64_t offsets[256];
     memset(counts, 0, sizeof counts);
-    for (int64_t j = 0; j < n; j++) {
-        int32_t k = bits[j] & ABS_MASK;
-        int c = (int)(j & 3);
-        keys[j] = k;
-        order[j] = (int32_t)j;
-        counts[c][0][k & 255]++;
-        counts[c][1][(k >> 8) & 255]++;
-        counts[c][2][(k >> 16) & 255]++;
-        counts[c][3][(k >> 24) & 255]++;
+    for (int64_t i = 0; i < c; i++) {
+        int32_t k = keys[i];
+        int copy = (int)(i & 3);
+        counts[copy][0][k & 255]++;
+        counts[copy][1][(k >> 8) & 255]++;
+        counts[copy][2][(k >> 16) & 255]++;
+        counts[copy][3][(k >> 24) & 255]++;
     }
     for (int pass = 0; pass < 4; pass++) {
         int64_t position = 0;
         int moves = 1;
         for (int d = 0; d < 256; d++) {
-            int64_t c = (int64_t)counts[0][pass][d] + counts[1][pass][d] + counts[2][pass][d] + counts[3][pass][d];
-            if (c == n) moves = 0; /* every key has this digit: the pass would move nothing */
+            int64_t n = (int64_t)counts[0][pass][d] + counts[1][pass][d] + counts[2][pass][d] + counts[3][pass][d];
+            if (n == c) moves = 0; /* every key has this digit: the pass would move nothing */
             offsets[d] = position;
-            position += c;
+            position += n;
         }
         if (!moves) continue;
         int shift = 8 * pass;
-        for (int64_t j = 0; j < n; j++) {
-            int64_t slot = offsets[(keys[j] >> shift) & 255]++;
-            keys_next[slot] = keys[j];
-            order_next[slot] = order[j];
+        for (int64_t i = 0; i < c; i++) {
+            int64_t slot = offsets[(keys[i] >> shift) & 255]++;
+            keys_next[slot] = keys[i];
+            order_next[slot] = order[i];
         }
         int32_t *swap = keys; keys = keys_next; keys_next = swap;
         swap = order; order = order_next; order_next = swap;
     }
     return order;
+}
+
+/* rank_of[j] for one row: zeros first (in column order), then the other keys sorted. `scratch` holds 5n ints
+ * and `start` the bucket counts. */
+static void rank_row(const int32_t *bits, int64_t n, int32_t *scratch, int32_t *start, int32_t *rank_of) {
+    int32_t *keys = scratch, *columns = scratch + n, *sorted = scratch + 2 * n, *order = scratch + 3 * n;
+    int32_t zeros = 0, c = 0;
+    for (int64_t j = 0; j < n; j++) { /* branch-free: a zero and a nonzero are equally likely in places */
+        int32_t k = bits[j] & ABS_MASK, is_zero = k == 0;
+        rank_of[j] = zeros; /* kept for zeros only: the nonzero ranks below overwrite the others */
+        zeros += is_zero;
+        keys[c] = k;
+        columns[c] = (int32_t)j;
+        c += !is_zero;
+    }
+    if (c == 0) return;
+    int64_t buckets = 16;
+    while (buckets < c) buckets *= 2;
+    if (sort_by_buckets(keys, columns, c, buckets, sorted, order, start))
+        order = sort_by_radix(keys, columns, c, sorted, order);
+    for (int32_t i = 0; i < c; i++) rank_of[order[i]] = zeros + i;
 }
 
 /* out[j] = tau[j] / p where uniform[j] < p, else +0.0 (a bit mask: a coin flip as a branch mispredicts every
@@ -370,19 +403,15 @@ HOT static void keep_by_rank(const float *tau, const float *uniform, const float
  * keep_prob[r]. Returns -1 when scratch memory is not available. */
 int della_rows(const float *tau, const float *uniform, const float *keep_prob, int64_t rows, int64_t n,
                float *out) {
-    int64_t buckets = 256;
+    int64_t buckets = 16;
     while (buckets < n) buckets *= 2;
-    int32_t *scratch = malloc((4 * (size_t)n + (size_t)buckets + 1) * sizeof(int32_t));
+    int32_t *scratch = malloc((5 * (size_t)n + (size_t)buckets) * sizeof(int32_t));
     if (!scratch) return -1;
+    int32_t *rank_of = scratch + 4 * n, *start = scratch + 5 * n;
     for (int64_t r = 0; r < rows; r++) {
-        const int32_t *bits = (const int32_t *)(tau + r * n);
-        int32_t *order = scratch + 2 * n;
-        if (rank_row_by_buckets(bits, n, buckets, scratch, scratch + n, order, scratch + 4 * n))
-            order = rank_row_by_radix(bits, n, scratch);
-        /* rank_of[j] (the inverse permutation), then one pass in column order that vectorizes: the keep
-         * probabilities are gathered from a small table, the row, the random numbers and the output stream. */
-        int32_t *rank_of = scratch + (order == scratch + 2 * n ? 3 * n : 2 * n);
-        for (int64_t rank = 0; rank < n; rank++) rank_of[order[rank]] = (int32_t)rank;
+        /* ranks in column order, then one pass in column order that vectorizes: the keep probabilities are
+         * gathered from a small table, the row, the random numbers and the output stream. */
+        rank_row((const int32_t *)(tau + r * n), n, scratch, start, rank_of);
         keep_by_rank(tau + r * n, uniform + r * n, keep_prob, rank_of, n, out + r * n);
     }
     free(scratch);
