@@ -9,6 +9,7 @@ and the load check's failures on corrupted checkpoints. One Ray (2 CPUs) and one
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -150,11 +151,14 @@ def test_cli_gates_and_load_check(family, testbed_report, ray_cluster, tmp_path,
     assert summary["roles"]["specialists"] == {"uppercase": "sft-uppercase"} and summary["gates_passed"] is False
     assert summary["meta"]["num_actors"] == 1  # read from the CLI's own pool before it closed
     assert all((out / name).stat().st_size > 0 for name in ("results.parquet", "report.md", "chart.png"))
-    # The same accuracies pass a looser gate through the API.
+    # The same accuracies pass, through the API, a looser gate that they meet by construction (the tiny models'
+    # scores vary with the machine that trained them).
     from distmerge.evaluation import resolve_roles
 
     roles = resolve_roles(list(summary["accuracy"]), ["uppercase"])
-    assert all(c.passed for c in check_gates(["merged>=0.5*base"], summary["accuracy"], roles))
+    factor = min(1.0, math.floor(100 * expected["sft-reversal"] / max(expected["base"], 1e-9)) / 100)
+    assert all(c.passed for c in check_gates([f"merged>={factor}*base"], summary["accuracy"], roles))
+    assert not any(c.passed for c in check_gates(["merged>=1.0*specialist"], summary["accuracy"], roles))
 
 
 def corrupted_copy(source: Path, dest: Path, first: str, second: str) -> str:

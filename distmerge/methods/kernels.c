@@ -41,8 +41,23 @@ HOT void bf16_delta(const uint16_t *x, const float *theta0, int64_t n, float *ou
     for (int64_t i = 0; i < n; i++) out[i] = bf16_value(x[i]) - theta0[i];
 }
 
+/* Zeros (most of a sparse RL vector) would chain every increment of bin 0 on the previous one through memory
+ * (~2x slower). When the first entries are mostly zeros, a loop counts zeros in a register behind a branch
+ * (well predicted there; on dense input the branch-free loop is faster). */
 HOT void high_histogram(const int32_t *bits, int64_t n, int64_t *histogram) {
-    for (int64_t i = 0; i < n; i++) histogram[(bits[i] & ABS_MASK) >> 16]++;
+    int64_t sample = n < 4096 ? n : 4096, zeros = 0;
+    for (int64_t i = 0; i < sample; i++) zeros += (bits[i] & ABS_MASK) == 0;
+    if (2 * zeros < sample) {
+        for (int64_t i = 0; i < n; i++) histogram[(bits[i] & ABS_MASK) >> 16]++;
+        return;
+    }
+    zeros = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t bin = (bits[i] & ABS_MASK) >> 16;
+        if (bin) histogram[bin]++;
+        else zeros++;
+    }
+    histogram[0] += zeros;
 }
 
 /* [below, the 65536 low-bit bins of high_bin, above], as radix._bin_histogram counts them: it compares bit
@@ -55,10 +70,15 @@ HOT void bin_histogram(const int32_t *bits, int64_t n, int64_t high_bin, int64_t
         above += (m >> 16) > high_bin;
         wrapped += m == ABS_MASK;
     }
+    int64_t first = 0; /* entries with low bits 0: every zero when high_bin is 0 */
     for (int64_t i = 0; i < n; i++) {
         int32_t m = bits[i] & ABS_MASK;
-        if ((m >> 16) == high_bin) counts[1 + (m & 0xFFFF)]++;
+        if ((m >> 16) == high_bin) {
+            if (m & 0xFFFF) counts[1 + (m & 0xFFFF)]++;
+            else first++;
+        }
     }
+    counts[1] += first;
     for (int64_t b = 1; b <= NUM_BINS; b++) in_bin += counts[b];
     counts[NUM_BINS + 1] = above - (high_bin == 0 ? wrapped : 0);
     counts[0] = n - in_bin - counts[NUM_BINS + 1];
