@@ -78,18 +78,15 @@ def bf16_delta(x: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def high_histogram(tau: torch.Tensor) -> torch.Tensor:
-    """torch.bincount(magnitude_bits(tau) >> 16, minlength=65536)."""
-    histogram = torch.zeros(NUM_BINS, dtype=torch.int64)
-    _lib().high_histogram(_ptr(tau), tau.numel(), _ptr(histogram))
-    return histogram
+def add_high_histogram(tau: torch.Tensor, into: torch.Tensor) -> None:
+    """into += torch.bincount(magnitude_bits(tau) >> 16, minlength=65536), for a contiguous int64 `into`."""
+    _lib().high_histogram(_ptr(tau), tau.numel(), _ptr(into))
 
 
-def bin_histogram(tau: torch.Tensor, high_bin: int) -> torch.Tensor:
-    """radix._bin_histogram's counts: [below, the 65536 low-bit bins of `high_bin`, above]."""
-    counts = torch.zeros(NUM_BINS + 2, dtype=torch.int64)
-    _lib().bin_histogram(_ptr(tau), tau.numel(), high_bin, _ptr(counts))
-    return counts
+def add_bin_histogram(tau: torch.Tensor, high_bin: int, into: torch.Tensor) -> int:
+    """into += the histogram of the low 16 bits of the |tau| in `high_bin` (contiguous int64 [65536]); returns
+    how many entries lie above that bin (radix._bin_histogram's contract)."""
+    return _lib().bin_histogram(_ptr(tau), tau.numel(), high_bin, _ptr(into))
 
 
 def keep_at_least(tau: torch.Tensor, threshold: float) -> torch.Tensor:

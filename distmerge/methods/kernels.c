@@ -41,8 +41,8 @@ HOT void bf16_delta(const uint16_t *x, const float *theta0, int64_t n, float *ou
     for (int64_t i = 0; i < n; i++) out[i] = bf16_value(x[i]) - theta0[i];
 }
 
-/* Zeros (most of a sparse RL vector) would chain every increment of bin 0 on the previous one through memory
- * (~2x slower). When the first entries are mostly zeros, a loop counts zeros in a register behind a branch
+/* Adds to `histogram` (65536) the counts of the upper 16 bits of |x|. Zeros (most of a sparse RL vector)
+ * would chain every increment of bin 0 on the previous one through memory (~2x slower). When the first entries are mostly zeros, a loop counts zeros in a register behind a branch
  * (well predicted there; on dense input the branch-free loop is faster). */
 HOT void high_histogram(const int32_t *bits, int64_t n, int64_t *histogram) {
     int64_t sample = n < 4096 ? n : 4096, zeros = 0;
@@ -60,28 +60,27 @@ HOT void high_histogram(const int32_t *bits, int64_t n, int64_t *histogram) {
     histogram[0] += zeros;
 }
 
-/* [below, the 65536 low-bit bins of high_bin, above], as radix._bin_histogram counts them: it compares bit
+/* Adds to `in_bin` (65536) the histogram of the low 16 bits of the entries whose upper 16 bits are high_bin
+ * and returns how many entries lie above that bin, as radix._bin_histogram counts them: it compares bit
  * patterns relative to the bin's start in int32, so with high_bin 0 the pattern 0x7FFFFFFF (a NaN) wraps
- * around and counts as below. `counts` (65538) is zeroed by the caller. */
-HOT void bin_histogram(const int32_t *bits, int64_t n, int64_t high_bin, int64_t *counts) {
-    int64_t above = 0, wrapped = 0, in_bin = 0;
+ * around and counts as below. */
+HOT int64_t bin_histogram(const int32_t *bits, int64_t n, int64_t high_bin, int64_t *in_bin) {
+    int64_t above = 0, wrapped = 0;
     for (int64_t i = 0; i < n; i++) {
         int32_t m = bits[i] & ABS_MASK;
         above += (m >> 16) > high_bin;
         wrapped += m == ABS_MASK;
     }
-    int64_t first = 0; /* entries with low bits 0: every zero when high_bin is 0 */
+    int64_t first = 0; /* entries with low bits 0, in a register: every zero when high_bin is 0 */
     for (int64_t i = 0; i < n; i++) {
         int32_t m = bits[i] & ABS_MASK;
         if ((m >> 16) == high_bin) {
-            if (m & 0xFFFF) counts[1 + (m & 0xFFFF)]++;
+            if (m & 0xFFFF) in_bin[m & 0xFFFF]++;
             else first++;
         }
     }
-    counts[1] += first;
-    for (int64_t b = 1; b <= NUM_BINS; b++) in_bin += counts[b];
-    counts[NUM_BINS + 1] = above - (high_bin == 0 ? wrapped : 0);
-    counts[0] = n - in_bin - counts[NUM_BINS + 1];
+    in_bin[0] += first;
+    return above - (high_bin == 0 ? wrapped : 0);
 }
 
 HOT void keep_at_least(const float *x, int64_t n, float threshold, float *out) {

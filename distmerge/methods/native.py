@@ -99,4 +99,5 @@ def library() -> ctypes.CDLL | None:
     for function, argtypes in _SIGNATURES.items():
         getattr(lib, function).argtypes = argtypes
     lib.della_rows.restype = ctypes.c_int
+    lib.bin_histogram.restype = ctypes.c_int64
     return lib

@@ -45,21 +45,36 @@ def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
     return tau.abs().flatten().view(torch.int32)
 
 
+def _add_high_histogram(tau: torch.Tensor, into: torch.Tensor) -> None:
+    """into ([65536] int64, contiguous, on CPU) += the histogram of the upper 16 bits of |tau|."""
+    if cpu_kernels.enabled(tau):
+        cpu_kernels.add_high_histogram(tau, into)
+    else:
+        into += torch.bincount(magnitude_bits(tau) >> 16, minlength=NUM_BINS).cpu()
+
+
+def _add_bin_histogram(tau: torch.Tensor, high_bin: int, into: torch.Tensor) -> int:
+    """into += the histogram of the low 16 bits of the |tau| in `high_bin`; returns how many entries lie above
+    that bin."""
+    if cpu_kernels.enabled(tau):
+        return cpu_kernels.add_bin_histogram(tau, high_bin, into)
+    relative = (magnitude_bits(tau) - ((high_bin << 16) - 1)).clamp_(0, NUM_BINS + 1)  # 0: below, 65537: above
+    counts = torch.bincount(relative, minlength=NUM_BINS + 2).cpu()
+    into += counts[1:NUM_BINS + 1]
+    return int(counts[NUM_BINS + 1])
+
+
 def _high_histogram(tau: torch.Tensor) -> torch.Tensor:
     """Histogram of the upper 16 bits of |tau| ([65536] int64, on CPU)."""
-    if cpu_kernels.enabled(tau):
-        return cpu_kernels.high_histogram(tau)
-    return torch.bincount(magnitude_bits(tau) >> 16, minlength=NUM_BINS).cpu()
+    histogram = torch.zeros(NUM_BINS, dtype=torch.int64)
+    _add_high_histogram(tau, histogram)
+    return histogram
 
 
 def _bin_histogram(tau: torch.Tensor, high_bin: int) -> tuple[torch.Tensor, int]:
     """(histogram of the low 16 bits of the |tau| in `high_bin`, how many entries lie above that bin)."""
-    if cpu_kernels.enabled(tau):
-        counts = cpu_kernels.bin_histogram(tau, high_bin)
-    else:
-        relative = (magnitude_bits(tau) - ((high_bin << 16) - 1)).clamp_(0, NUM_BINS + 1)  # 0: below, 65537: above
-        counts = torch.bincount(relative, minlength=NUM_BINS + 2).cpu()
-    return counts[1:NUM_BINS + 1], int(counts[NUM_BINS + 1])
+    histogram = torch.zeros(NUM_BINS, dtype=torch.int64)
+    return histogram, _add_bin_histogram(tau, high_bin, histogram)
 
 
 def _locate(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -82,22 +97,26 @@ def order_statistic_phases(key: str, ranks: Ranks,
     """The two phases; their result, per model and rank, is read with `order_statistics(stats, key)`."""
     high_key = f"{key}_high_bins"
 
+    # The maps fill one zeroed result tensor in place: a chunk's 65536-bin histograms cost as much memory
+    # traffic as its entries, so no per-model tensors to stack.
     def map_high(inputs: MergeInputs, params: Any, ctx: TensorContext) -> PartialStats:
-        rows = [_high_histogram(tau) for tau in inputs.deltas]
-        return {"high": torch.stack(rows), "numel": _numel(inputs)}
+        high = torch.zeros(len(inputs.deltas), NUM_BINS, dtype=torch.int64)
+        for tau, row in zip(inputs.deltas, high, strict=True):
+            _add_high_histogram(tau, row)
+        return {"high": high, "numel": _numel(inputs)}
 
     def finalize_high(summed: PartialStats, params: Any) -> dict[str, Any]:
         wanted = ranks(int(summed["numel"]), params)
         return {high_key: [[_locate(row, rank)[0] for rank in wanted] for row in summed["high"]]}
 
     def map_low(inputs: MergeInputs, params: Any, ctx: TensorContext) -> PartialStats:
-        low, above = [], []
-        for tau, bins in zip(inputs.deltas, ctx.stats[high_key], strict=True):
-            counted = [_bin_histogram(tau, b) for b in bins]
-            low.append(torch.stack([histogram for histogram, _ in counted])
-                       if bins else torch.zeros(0, NUM_BINS, dtype=torch.int64))
-            above.append(torch.tensor([count for _, count in counted], dtype=torch.int64))
-        return {"low": torch.stack(low), "above": torch.stack(above), "numel": _numel(inputs)}
+        bins = ctx.stats[high_key]
+        low = torch.zeros(len(inputs.deltas), len(bins[0]) if bins else 0, NUM_BINS, dtype=torch.int64)
+        above = torch.zeros(low.shape[:2], dtype=torch.int64)
+        for m, (tau, model_bins) in enumerate(zip(inputs.deltas, bins, strict=True)):
+            for r, high_bin in enumerate(model_bins):
+                above[m, r] = _add_bin_histogram(tau, high_bin, low[m, r])
+        return {"low": low, "above": above, "numel": _numel(inputs)}
 
     def finalize_low(summed: PartialStats, params: Any) -> dict[str, Any]:
         # The high bins live in the first phase's result; `order_statistics` joins the two.

@@ -23,7 +23,10 @@ def sum_partials(partials: Iterable[PartialStats]) -> PartialStats:
     for partial in partials:
         for key, value in partial.items():
             value = value.detach().cpu()
-            total[key] = value.clone() if key not in total else total[key] + value
+            if key in total:
+                total[key] += value  # in place: the first partial was cloned
+            else:
+                total[key] = value.clone()
     return total
 
 
