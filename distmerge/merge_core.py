@@ -187,8 +187,6 @@ class BlockMerger:
         return MergeInputs(theta0, deltas, self._weights), target
 
     def _fp32(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu" and cpu_kernels.widens(tensor):
-            return cpu_kernels.widen_bf16(tensor)
         return tensor.to(device=self.device, dtype=torch.float32)
 
     def _delta(self, tensor: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
@@ -197,7 +195,7 @@ class BlockMerger:
         input takes one fused pass (`cpu_kernels.bf16_delta`)."""
         if tensor.dtype == torch.float32:
             return torch.sub(tensor.to(self.device), theta0)  # .to may return the input itself: no in-place op
-        if self.device.type == "cpu" and cpu_kernels.widens(tensor) and cpu_kernels.enabled(theta0):
+        if cpu_kernels.takes_bf16_delta(tensor, theta0):  # theta0 lives on the merge device
             return cpu_kernels.bf16_delta(tensor, theta0)
         return self._fp32(tensor).sub_(theta0)
 

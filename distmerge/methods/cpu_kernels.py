@@ -57,22 +57,14 @@ def _model_args(taus: Sequence[torch.Tensor], weights: Sequence[float]):
     return _pointers(taus), len(taus), w, unit
 
 
-def widens(tensor: torch.Tensor) -> bool:
-    """Whether `widen_bf16`/`bf16_delta` take this input: a contiguous bf16 CPU tensor, kernels on."""
-    return tensor.device.type == "cpu" and tensor.dtype == torch.bfloat16 and tensor.is_contiguous() \
-        and _switched_on()
-
-
-def widen_bf16(x: torch.Tensor) -> torch.Tensor:
-    """x.to(torch.float32) for a bf16 tensor (`widens`), in one vectorized pass."""
-    out = torch.empty(x.shape, dtype=torch.float32)
-    _lib().widen_bf16(_ptr(x), x.numel(), _ptr(out))
-    return out
+def takes_bf16_delta(x: torch.Tensor, theta0: torch.Tensor) -> bool:
+    """Whether `bf16_delta` takes these: a contiguous bf16 CPU `x`, a contiguous fp32 CPU theta0, kernels on."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.is_contiguous() and enabled(theta0)
 
 
 def bf16_delta(x: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
-    """x.to(torch.float32) - theta0 for a bf16 `x` (`widens`) and a contiguous fp32 theta0 of its shape: one
-    pass instead of a widening copy and a subtraction (the same bits: the widening is exact)."""
+    """x.to(torch.float32) - theta0 (`takes_bf16_delta`, theta0 shaped like x): one pass instead of a
+    widening copy and a subtraction (the same bits: the widening is exact)."""
     out = torch.empty(x.shape, dtype=torch.float32)
     _lib().bf16_delta(_ptr(x), _ptr(theta0), x.numel(), _ptr(out))
     return out

@@ -27,14 +27,10 @@ static inline float fabs_bits(float x) {
 }
 
 /* Widening bf16 to fp32 is exact: the bf16 bits are the upper half of the fp32 pattern (NaN and -0.0 kept,
- * as torch's .to(float32)). `delta` fuses the widening with the subtraction of theta0 in one pass. */
+ * as torch's .to(float32)). bf16_delta fuses the widening with the subtraction of theta0 in one pass. */
 static inline float bf16_value(uint16_t b) {
     union { uint32_t u; float f; } v = {(uint32_t)b << 16};
     return v.f;
-}
-
-HOT void widen_bf16(const uint16_t *x, int64_t n, float *out) {
-    for (int64_t i = 0; i < n; i++) out[i] = bf16_value(x[i]);
 }
 
 HOT void bf16_delta(const uint16_t *x, const float *theta0, int64_t n, float *out) {
@@ -42,8 +38,9 @@ HOT void bf16_delta(const uint16_t *x, const float *theta0, int64_t n, float *ou
 }
 
 /* Adds to `histogram` (65536) the counts of the upper 16 bits of |x|. Zeros (most of a sparse RL vector)
- * would chain every increment of bin 0 on the previous one through memory (~2x slower). When the first entries are mostly zeros, a loop counts zeros in a register behind a branch
- * (well predicted there; on dense input the branch-free loop is faster). */
+ * would chain every increment of bin 0 on the previous one through memory (~2x slower). When the first
+ * entries are mostly zeros, a loop counts zeros in a register behind a branch (well predicted there; on
+ * dense input the branch-free loop is faster). */
 HOT void high_histogram(const int32_t *bits, int64_t n, int64_t *histogram) {
     int64_t sample = n < 4096 ? n : 4096, zeros = 0;
     for (int64_t i = 0; i < sample; i++) zeros += (bits[i] & ABS_MASK) == 0;

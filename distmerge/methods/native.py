@@ -31,7 +31,6 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _F32 = ctypes.c_float
 _SIGNATURES = {
-    "widen_bf16": [_P, _I64, _P],
     "bf16_delta": [_P, _P, _I64, _P],
     "high_histogram": [_P, _I64, _P],
     "bin_histogram": [_P, _I64, _I64, _P],
