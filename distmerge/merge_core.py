@@ -12,6 +12,7 @@ of inputs plus one chunk's working set, whatever the tensor sizes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,7 @@ from distmerge.methods.registry import (
     TensorContext,
     get_method,
 )
+from distmerge.methods.rng import reusing_draws
 from distmerge.methods.stats import chunked_tensor_stats, sum_partials, with_prefix_stats
 from distmerge.plan import Block, Plan, torch_dtype
 from distmerge.reader import TensorReader
@@ -161,11 +163,14 @@ class BlockMerger:
         def pieces() -> Iterator[Piece]:
             return iter(cached) if cached is not None else self._row_pieces(name)
 
-        totals = chunked_tensor_stats(
-            self._tensor_phases, self.params, lambda: ((piece.inputs, self._ctx(piece, stats)) for piece in pieces()))
-        items = ((piece, piece.inputs, self._ctx(piece, stats)) for piece in pieces())
-        for piece, piece_stats in with_prefix_stats(self._tensor_phases, self.params, items, totals):
-            yield replace(piece, stats=piece_stats)
+        # With its inputs held, the tensor's random numbers are held too: drawn once for all passes (the
+        # merge of each chunk runs while this generator is suspended inside the scope, on this thread).
+        with reusing_draws() if cached is not None else contextlib.nullcontext():
+            totals = chunked_tensor_stats(self._tensor_phases, self.params,
+                                          lambda: ((piece.inputs, self._ctx(piece, stats)) for piece in pieces()))
+            items = ((piece, piece.inputs, self._ctx(piece, stats)) for piece in pieces())
+            for piece, piece_stats in with_prefix_stats(self._tensor_phases, self.params, items, totals):
+                yield replace(piece, stats=piece_stats)
 
     def _row_pieces(self, name: str) -> Iterator[Piece]:
         shape = self.job.plan.tensors[name].shape

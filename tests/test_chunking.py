@@ -101,3 +101,36 @@ def test_uniform_numbers_depend_only_on_position(monkeypatch):
               for start, rows in ((0, 3), (3, 4), (7, 3))]
     assert torch.equal(torch.cat(pieces), whole)
     assert not torch.equal(rng.uniform_like(tensor, 1, "w", 1), whole)
+
+
+def test_draws_are_reused_only_inside_the_scope():
+    tensor = torch.empty(6, 5)
+    outside = rng.uniform_like(tensor, 1, "w", 0)
+    with rng.reusing_draws():
+        first = rng.uniform_like(tensor, 1, "w", 0)
+        assert rng.uniform_like(tensor, 1, "w", 0) is first
+        assert torch.equal(first, outside)  # the same numbers as a fresh draw
+        other = rng.uniform_like(tensor, 1, "w", 0, offset=30)
+        assert other is not first and not torch.equal(other, first)
+        with rng.reusing_draws():
+            assert rng.uniform_like(tensor, 1, "w", 0) is not first  # an inner scope starts empty
+        assert rng.uniform_like(tensor, 1, "w", 0) is first  # and the outer one is back
+    assert rng.uniform_like(tensor, 1, "w", 0) is not first
+    assert getattr(rng._scope, "draws", None) is None  # nothing is held after the scope
+
+
+def test_l1_statistics_pass_reuses_the_merge_draws(bf16_family, tmp_path, monkeypatch):
+    """DARE's L1 pass over a chunked tensor whose inputs are held draws no number twice: it costs as many
+    draws as DARE without a statistics pass."""
+    calls = []
+    real = rng.segment_uniform
+    monkeypatch.setattr(rng, "segment_uniform", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(merge_core, "CHUNK_ELEMENTS", 700)
+    run(bf16_family, "dare_ties", {"rescale": "inverse_p"}, tmp_path / "one-pass")
+    one_pass, calls[:] = list(calls), []
+    run(bf16_family, "dare_ties", {"rescale": "l1"}, tmp_path / "two-pass")
+    assert calls and sorted(calls) == sorted(one_pass)
+    monkeypatch.setattr(merge_core, "TENSOR_CACHE_BYTES", 0)  # inputs not held: numbers drawn per pass
+    calls[:] = []
+    run(bf16_family, "dare_ties", {"rescale": "l1"}, tmp_path / "uncached")
+    assert len(calls) > len(one_pass)

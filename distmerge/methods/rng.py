@@ -8,11 +8,17 @@ The generator is numpy's PCG64, about four times faster than torch's CPU generat
 many numbers as the model has parameters, per model), and it can jump ahead: a chunk that needs elements
 [a, b) of a segment draws exactly those (each 64-bit step gives two float32 numbers of 24 random bits).
 The numbers are drawn on CPU and only then moved to the tensor's device; no global RNG is touched.
+
+An executor that makes several passes over one tensor (DARE's L1 statistics pass, then the merge) can draw
+each chunk's numbers once: inside `reusing_draws()` a repeated draw returns the tensor drawn before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -20,6 +26,24 @@ import torch
 from distmerge.methods import cpu_kernels
 
 SEGMENT = 1 << 22  # elements per independently seeded segment
+
+_scope = threading.local()  # .draws: this thread's reusable draws, or absent/None outside `reusing_draws`
+
+
+@contextlib.contextmanager
+def reusing_draws() -> Iterator[None]:
+    """On this thread, until the scope ends, `uniform_like` returns the tensor it returned before for the same
+    (seed, name, index, offset, shape, device) instead of drawing it again. The numbers are the same either
+    way (they are a pure function of those); only the work differs. Holds every draw until the scope ends:
+    use it around passes over a tensor whose inputs are held anyway. Callers must not modify draws in place.
+    """
+    previous, mine = getattr(_scope, "draws", None), {}
+    _scope.draws = mine
+    try:
+        yield
+    finally:
+        if getattr(_scope, "draws", None) is mine:  # a generator closed on another thread leaves this one alone
+            _scope.draws = previous
 
 
 def mask_seed(seed: int, name: str, index: int, segment: int = 0) -> int:
@@ -60,6 +84,10 @@ def uniform_like(tensor: torch.Tensor, seed: int, name: str, index: int, *, offs
     `tensor` may be a chunk: elements [offset, offset + numel) of a larger tensor. The numbers depend only on
     the element's position in the whole tensor.
     """
+    draws = getattr(_scope, "draws", None)
+    key = (seed, name, index, offset, tuple(tensor.shape), str(tensor.device))
+    if draws is not None and key in draws:
+        return draws[key]
     numel = tensor.numel()
     first, last = offset // SEGMENT, (offset + numel - 1) // SEGMENT if numel else offset // SEGMENT
     pieces = []
@@ -68,4 +96,7 @@ def uniform_like(tensor: torch.Tensor, seed: int, name: str, index: int, *, offs
         stop = min(offset + numel, (segment + 1) * SEGMENT) - segment * SEGMENT
         pieces.append(segment_uniform(seed, name, index, segment, start, stop))
     flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return flat.reshape(tensor.shape).to(tensor.device)
+    drawn = flat.reshape(tensor.shape).to(tensor.device)
+    if draws is not None:
+        draws[key] = drawn
+    return drawn
