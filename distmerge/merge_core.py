@@ -165,7 +165,7 @@ class BlockMerger:
 
         # With its inputs held, the tensor's random numbers are held too: drawn once for all passes (the
         # merge of each chunk runs while this generator is suspended inside the scope, on this thread).
-        with reusing_draws() if cached is not None else contextlib.nullcontext():
+        with reusing_draws(name) if cached is not None else contextlib.nullcontext():
             totals = chunked_tensor_stats(self._tensor_phases, self.params,
                                           lambda: ((piece.inputs, self._ctx(piece, stats)) for piece in pieces()))
             items = ((piece, piece.inputs, self._ctx(piece, stats)) for piece in pieces())

@@ -106,13 +106,15 @@ def test_uniform_numbers_depend_only_on_position(monkeypatch):
 def test_draws_are_reused_only_inside_the_scope():
     tensor = torch.empty(6, 5)
     outside = rng.uniform_like(tensor, 1, "w", 0)
-    with rng.reusing_draws():
+    with rng.reusing_draws("w"):
         first = rng.uniform_like(tensor, 1, "w", 0)
         assert rng.uniform_like(tensor, 1, "w", 0) is first
         assert torch.equal(first, outside)  # the same numbers as a fresh draw
         other = rng.uniform_like(tensor, 1, "w", 0, offset=30)
         assert other is not first and not torch.equal(other, first)
-        with rng.reusing_draws():
+        stranger = rng.uniform_like(tensor, 1, "v", 0)
+        assert rng.uniform_like(tensor, 1, "v", 0) is not stranger  # only the scope's tensor is kept
+        with rng.reusing_draws("w"):
             assert rng.uniform_like(tensor, 1, "w", 0) is not first  # an inner scope starts empty
         assert rng.uniform_like(tensor, 1, "w", 0) is first  # and the outer one is back
     assert rng.uniform_like(tensor, 1, "w", 0) is not first

@@ -27,17 +27,21 @@ from distmerge.methods import cpu_kernels
 
 SEGMENT = 1 << 22  # elements per independently seeded segment
 
-_scope = threading.local()  # .draws: this thread's reusable draws, or absent/None outside `reusing_draws`
+_scope = threading.local()  # .draws: (tensor name, its reusable draws) on this thread, or absent/None
 
 
 @contextlib.contextmanager
-def reusing_draws() -> Iterator[None]:
+def reusing_draws(name: str) -> Iterator[None]:
     """On this thread, until the scope ends, `uniform_like` returns the tensor it returned before for the same
-    (seed, name, index, offset, shape, device) instead of drawing it again. The numbers are the same either
-    way (they are a pure function of those); only the work differs. Holds every draw until the scope ends:
-    use it around passes over a tensor whose inputs are held anyway. Callers must not modify draws in place.
+    (seed, name, index, offset, shape, device) of tensor `name` instead of drawing it again. The numbers are
+    the same either way (they are a pure function of those); only the work differs. Holds the tensor's draws
+    until the scope ends: use it around passes over a tensor whose inputs are held anyway. Callers must not
+    modify draws in place.
+
+    Only `name`'s draws are kept: should the scope never end on this thread (a generator holding it closed on
+    another), it holds at most that one tensor's numbers, however long the thread lives.
     """
-    previous, mine = getattr(_scope, "draws", None), {}
+    previous, mine = getattr(_scope, "draws", None), (name, {})
     _scope.draws = mine
     try:
         yield
@@ -84,8 +88,9 @@ def uniform_like(tensor: torch.Tensor, seed: int, name: str, index: int, *, offs
     `tensor` may be a chunk: elements [offset, offset + numel) of a larger tensor. The numbers depend only on
     the element's position in the whole tensor.
     """
-    draws = getattr(_scope, "draws", None)
-    key = (seed, name, index, offset, tuple(tensor.shape), str(tensor.device))
+    scope = getattr(_scope, "draws", None)
+    draws = scope[1] if scope is not None and scope[0] == name else None
+    key = (seed, index, offset, tuple(tensor.shape), str(tensor.device))
     if draws is not None and key in draws:
         return draws[key]
     numel = tensor.numel()
