@@ -10,7 +10,7 @@ many numbers as the model has parameters, per model), and it can jump ahead: a c
 The numbers are drawn on CPU and only then moved to the tensor's device; no global RNG is touched.
 
 An executor that makes several passes over one tensor (DARE's L1 statistics pass, then the merge) can draw
-each chunk's numbers once: inside `reusing_draws()` a repeated draw returns the tensor drawn before.
+each chunk's numbers once: inside `reusing_draws(name)` a repeated draw of that tensor returns the tensor drawn before.
 """
 
 from __future__ import annotations
