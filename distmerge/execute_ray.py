@@ -15,6 +15,9 @@ release the GIL): on a local Ray the machine's cores are shared among the worker
 all and two do not oversubscribe them. Block-level threads beat torch's intra-op threads here: they also
 run the serial parts (reads, random numbers, histograms, sorts, hashing, writes) in parallel, and never
 wait on each other inside an op.
+
+While a local Ray started for the merge comes up (on its own thread, `local_ray.LocalRay`), the driver
+merges blocks itself until the first actor is ready (`startup_lane`); the actors take the rest.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ import ray
 from distmerge.allocator import keep_freed_memory
 from distmerge.errors import MergeError
 from distmerge.faults import fault_env
-from distmerge.local_ray import cluster_address, ensure_ray
+from distmerge.local_ray import connect_ray
 from distmerge.merge_core import BlockMerger, MergeJob
 from distmerge.methods.registry import PartialStats
 from distmerge.options import RunOptions, worker_threads
 from distmerge.plan import Block
 from distmerge.staging import save_record
+from distmerge.startup_lane import StartupLane
 from distmerge.storage import Location
 from distmerge.writer import ShardRecord
 
@@ -94,16 +98,43 @@ class MergeWorker:
 
 
 class WorkerPool:
-    """Named merge actors on the cluster. One per merge by default; long-running drivers keep one open."""
+    """Named merge actors on the cluster. One per merge by default; long-running drivers keep one open.
+
+    A local Ray started for the pool comes up on its own thread (`distmerge.local_ray.LocalRay`): the actors
+    are spawned by the first `wait_up` that finds it up, so a caller can work meanwhile.
+    """
 
     def __init__(self, options: RunOptions, device: str):
         self.options = options
         self.device = device
-        self._started_ray = ensure_ray(options)
-        self.threads = worker_threads(options, local=self._started_ray and not cluster_address(options))
+        self._ray = connect_ray(options)
+        self.threads = worker_threads(options, local=self._ray.local is not None)
         self.pool_id = uuid.uuid4().hex[:8]
         self._spawned = 0
-        self.actors = [self._spawn() for _ in range(options.workers)]
+        self.actors: list = []
+        self._pings: list = []
+        self._answered = False
+        self.wait_up(0)
+
+    @property
+    def local(self) -> bool:
+        """Whether this pool started a local Ray of its own (its start-up is the merge's to bridge)."""
+        return self._ray.local is not None
+
+    def wait_up(self, timeout: float | None = None) -> bool:
+        """True once Ray is up and the actors are spawned (False if `timeout` seconds pass first)."""
+        if not self.actors:
+            if not self._ray.wait(timeout):
+                return False
+            self.actors = [self._spawn() for _ in range(self.options.workers)]
+        return True
+
+    def an_actor_ready(self) -> bool:
+        """Whether an actor has answered yet (does not wait; spawns the actors if Ray has come up)."""
+        if not self._answered and self.wait_up(0):
+            self._pings = self._pings or [actor.where.remote() for actor in self.actors]
+            self._answered = bool(ray.wait(self._pings, num_returns=1, timeout=0)[0])
+        return self._answered
 
     def _spawn(self):
         resources = {"num_cpus": self.options.cpus_per_worker}
@@ -126,8 +157,7 @@ class WorkerPool:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
-        if self._started_ray:
-            ray.shutdown()
+        self._ray.close()
 
 
 def dispatch_slots(load: dict[int, int], queued: int, threads: int, ahead: int) -> list[int]:
@@ -156,22 +186,77 @@ class RayExecutor:
         self._own_pool = pool is None
         self.device = device
         self.staging = staging
+        self.job = job
         self.job_id = f"{job.plan.hash()}-{uuid.uuid4().hex[:6]}"
-        self.job_box = [ray.put(job)]
-        self.slots = list(range(min(options.workers, len(self.pool.actors))))
+        self.job_box: list | None = None  # the job in Ray's object store, once Ray is up
+        self.slots: list[int] = []
+        self.lane: StartupLane | None = None
+        self._lane_blocks = 0
+        if options.merge_while_starting and device == "cpu" and self.pool.local and not self.pool.an_actor_ready():
+            self.lane = StartupLane(job, staging, device)
+
+    def _up(self, timeout: float | None = None) -> bool:
+        """Ray up, actors spawned and the job shipped (False if `timeout` passes first)."""
+        if self.job_box is None:
+            if not self.pool.wait_up(timeout):
+                return False
+            self.job_box = [ray.put(self.job)]
+            self.slots = list(range(min(self.options.workers, len(self.pool.actors))))
+        return True
 
     # -- the two kinds of pass --------------------------------------------------------------------------
     def map_phase(self, phase_index: int, stats: dict[str, Any], blocks: Sequence[Block],
                   advance: Callable[[int], None]) -> dict[int, PartialStats]:
-        stats_ref = ray.put(stats)
-        return self._run(blocks, lambda actor, b: actor.map_block.remote(
-            self.job_id, self.job_box, self.staging, self.device, b.id, phase_index, stats_ref), advance)
+        def make_submit():
+            stats_ref = ray.put(stats)
+            return lambda actor, b: actor.map_block.remote(
+                self.job_id, self.job_box, self.staging, self.device, b.id, phase_index, stats_ref)
+
+        lane_work = self.lane.map_work(phase_index, stats) if self.lane else None
+        return self._pass(blocks, lane_work, make_submit, advance)
 
     def write_blocks(self, blocks: Sequence[Block], stats: dict[str, Any],
                      advance: Callable[[int], None]) -> dict[int, ShardRecord]:
-        stats_ref = ray.put(stats)
-        return self._run(blocks, lambda actor, b: actor.write_block.remote(
-            self.job_id, self.job_box, self.staging, self.device, b.id, stats_ref), advance)
+        def make_submit():
+            stats_ref = ray.put(stats)
+            return lambda actor, b: actor.write_block.remote(
+                self.job_id, self.job_box, self.staging, self.device, b.id, stats_ref)
+
+        lane_work = self.lane.write_work(stats) if self.lane else None
+        return self._pass(blocks, lane_work, make_submit, advance)
+
+    def _pass(self, blocks: Sequence[Block], lane_work, make_submit, advance: Callable[[int], None]) -> dict[int, Any]:
+        """One pass over `blocks`: the start-up lane's share while no actor is ready, then the actors' (once
+        Ray is up, `make_submit()` gives the function that submits a block to an actor)."""
+        results: dict[int, Any] = {}
+        running: dict = {}
+        if self.lane is not None:
+            results, running = self.lane.run_until(self.pool.an_actor_ready, blocks, lane_work, advance)
+        taken = results.keys() | {block.id for block in running.values()}
+        rest = [block for block in blocks if block.id not in taken]
+        try:
+            if rest:
+                self._up()
+                results.update(self._run(rest, make_submit(), advance))
+        finally:
+            if self.lane is not None:
+                self.lane.finish(running, results, advance)  # its last blocks ran alongside the actors
+        if self.lane is not None and self.pool.an_actor_ready():
+            self._retire_lane()
+        return results
+
+    @property
+    def lane_blocks(self) -> int:
+        """Blocks the start-up lane merged (read while `close` may be retiring it on another thread)."""
+        lane = self.lane
+        return lane.blocks if lane is not None else self._lane_blocks
+
+    def _retire_lane(self) -> None:
+        lane = self.lane
+        if lane is not None:
+            self._lane_blocks = lane.blocks
+            self.lane = None
+            lane.close()
 
     def _run(self, blocks: Sequence[Block], submit, advance: Callable[[int], None]) -> dict[int, Any]:
         """Dynamic queue over actors with bounded in-flight work; dead actors are replaced, blocks retried."""
@@ -236,6 +321,7 @@ class RayExecutor:
         self.pool.replace(slot)
 
     def close(self) -> None:
+        self._retire_lane()
         if self._own_pool:
             self.pool.close()
             return

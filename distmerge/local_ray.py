@@ -1,10 +1,11 @@
 """Which Ray a merge uses: the one this process is connected to, the cluster named by --address (or
 RAY_ADDRESS, set inside `ray job submit` jobs), or a lean local Ray started for the merge.
 
-A local Ray takes seconds to start (GCS, raylet, object store), about as long as a small merge computes, so
-the CLI calls `start_early` before it imports torch: Ray comes up while a thread imports torch and the
-merge code, and `ensure_ray` (the executor's) then finds it started. This module does
-not import torch, so starting early really happens before that import.
+A local Ray takes seconds to start (GCS, raylet, object store, then actors importing torch), about as long
+as a small merge computes, so it starts on its own thread (`LocalRay`) and the merge does not wait for it:
+the CLI enters `started_early` before it imports torch, and the executor merges blocks in the driver until the
+first actor is ready (see `distmerge.execute_ray`). This module does not import torch, so starting early
+really happens before that import.
 
 Without `--dashboard` the local Ray is also started without two head daemons a private per-merge Ray has no
 use for: the autoscaler monitor (nothing to scale) and the dashboard's API server (job and state REST APIs
@@ -18,10 +19,11 @@ second later). Ray has no public switch for either, so `_lean_head` skips their 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import math
 import os
+import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 # (Ray's minimum is 75 MiB).
 LOCAL_OBJECT_STORE_BYTES = 80 * 1024**2
 
-_early: dict[str, Any] = {}  # "started": start_early started the local Ray, not yet claimed by ensure_ray
+_early: dict[str, LocalRay] = {}  # "ray": the local Ray started_early began, not yet claimed by connect_ray
 
 
 def cluster_address(options: RunOptions) -> str | None:
@@ -55,43 +57,102 @@ def local_ray_init_kwargs(options: RunOptions) -> dict[str, Any]:
     )
 
 
-def start_early(options: RunOptions, preload: str) -> None:
-    """Start the local Ray `ensure_ray(options)` would start, importing the module `preload` (torch and the
-    merge code) on a thread meanwhile. No-op without workers, with a cluster address, or when this process
-    already has Ray.
-
-    Ray starts on this thread, not on a helper: its daemons die with the thread that spawned them (Linux
-    parent-death signal), so a helper thread that finished would take the local Ray down with it.
-    """
-    if options.workers == 0 or cluster_address(options) or ray.is_initialized():
-        return
-    loader = threading.Thread(target=_import_quietly, args=(preload,), name="distmerge-preload", daemon=True)
-    loader.start()
-    init_local_ray(options)
-    _early["started"] = True
-    loader.join()
-
-
-def _import_quietly(module: str) -> None:
+@contextlib.contextmanager
+def started_early(options: RunOptions) -> Iterator[None]:
+    """Begin starting the local Ray `connect_ray(options)` would start, and return at once; a start no merge
+    claimed (the recipe was bad, say) is stopped on leaving. No-op without workers, with a cluster address,
+    or when this process already has Ray."""
+    _start_early(options)
     try:
-        importlib.import_module(module)
-    except Exception:  # the caller's own import raises it again, on its thread
-        log.debug("preloading %s failed", module, exc_info=True)
+        yield
+    finally:
+        unclaimed = _early.pop("ray", None)
+        if unclaimed is not None:
+            # Leaving Ray half-started at exit would orphan its agents: let it come up, then shut it down.
+            unclaimed.stop()
 
 
-def ensure_ray(options: RunOptions) -> bool:
-    """Connect to the Ray in use, the cluster at --address, or start a local one (or finish `start_early`'s).
-    True if Ray was started for this merge (the caller shuts it down)."""
-    if _early.pop("started", False) and ray.is_initialized():
+def _start_early(options: RunOptions) -> None:
+    if options.workers == 0 or cluster_address(options) or ray.is_initialized() or "ray" in _early:
+        return
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # What ray.init sets on a main thread: SIGTERM exits through atexit, so Ray is shut down cleanly.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    _early["ray"] = LocalRay(options)
+
+
+class LocalRay:
+    """A local Ray started on a thread of its own, which stays alive until `stop`: Ray's daemons get a
+    parent-death signal when the thread that spawned them exits, so it cannot be a short-lived helper."""
+
+    def __init__(self, options: RunOptions):
+        self.error: BaseException | None = None
+        self._up = threading.Event()
+        self._release = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(options,), name="distmerge-ray", daemon=True)
+        self._thread.start()
+
+    def _run(self, options: RunOptions) -> None:
+        try:
+            with _off_main_thread_quietly():
+                init_local_ray(options)
+        except BaseException as exc:  # re-raised on the thread that waits for Ray
+            self.error = exc
+        finally:
+            self._up.set()
+        self._release.wait()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once Ray is up (False if `timeout` passes first); raises what stopped it from starting."""
+        if not self._up.wait(timeout):
+            return False
+        if self.error is not None:
+            raise self.error
         return True
+
+    def stop(self) -> None:
+        """Shut Ray down (after it has finished starting: a half-started Ray cannot be shut down), then
+        let the thread end."""
+        try:
+            self._up.wait()
+            if self.error is None and ray.is_initialized():
+                ray.shutdown()
+        finally:
+            self._release.set()
+            self._thread.join()
+
+
+class RaySession:
+    """The Ray a pool of merge actors runs on: `owned` if connected or started for it (closed with it)."""
+
+    def __init__(self, owned: bool, local: LocalRay | None = None):
+        self.owned = owned
+        self.local = local
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.local is None or self.local.wait(timeout)
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.stop()
+        elif self.owned:
+            ray.shutdown()
+
+
+def connect_ray(options: RunOptions) -> RaySession:
+    """The Ray in use, the cluster at --address, or a local Ray: `started_early`'s, else one started now on
+    its own thread (`wait` for it)."""
+    early = _early.pop("ray", None)
+    if early is not None:
+        return RaySession(owned=True, local=early)
     if ray.is_initialized():
-        return False
+        return RaySession(owned=False)
     address = cluster_address(options)
     if address:
         ray.init(address=address, namespace="distmerge", log_to_driver=True)
-        return True
-    init_local_ray(options)
-    return True
+        return RaySession(owned=True)
+    return RaySession(owned=True, local=LocalRay(options))
 
 
 def init_local_ray(options: RunOptions) -> None:
@@ -127,3 +188,25 @@ def _lean_head() -> Iterator[None]:
 
 def _skip_head_service(self, *args, **kwargs) -> None:
     return None
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _off_main_thread_quietly() -> Iterator[None]:
+    """`ray.init` off the main thread warns that it did not set its SIGTERM handler; `started_early` sets the
+    same handler itself, so the warning would only alarm users."""
+    worker_log = logging.getLogger("ray._private.worker")
+    quiet = _DropRecords("SIGTERM handler is not set")
+    worker_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        worker_log.removeFilter(quiet)

@@ -36,6 +36,9 @@ class RunOptions(BaseModel):
         "each worker reserves (at least 1); without Ray, 1.")
     dashboard: bool = Field(False, description="Start the Ray dashboard (127.0.0.1:8265) with a local Ray; off by "
                             "default to save its memory and start-up time.")
+    merge_while_starting: bool = Field(
+        True, description="While a local Ray started for the merge comes up (seconds), merge blocks in this "
+        "process until the first worker is ready; outputs do not depend on it. CPU merges only.")
     gpus_per_worker: float = Field(1.0, ge=0, description="Ray GPUs each worker reserves when the device is cuda.")
     max_retries: int = Field(3, ge=0, description="Times a block is retried after its worker dies.")
     block_timeout: float | None = Field(

@@ -3,13 +3,16 @@ node and across the nodes of a ray.cluster_utils.Cluster, and recovery from a ki
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
 import ray
 
 from distmerge.execute_ray import WorkerPool, dispatch_slots
-from distmerge.merge import run_merge
+from distmerge.local_ray import LocalRay
+from distmerge.merge import plan_recipe, run_merge
 from distmerge.methods import method_names
 from distmerge.options import RunOptions
 from distmerge.recipe import parse_recipe
@@ -98,6 +101,61 @@ def test_s3_inputs_and_output_on_ray_same_bytes(pool, tiny_family, references, s
     got = {n: out.child(n).read_bytes() for n in sorted(out.list()) if n.endswith(".safetensors")}
     assert got == references["ties"]
     assert not Location(f"{url}/out/.ties.distmerge-staging", options).exists()
+
+
+class StartingPool:
+    """The module's pool, seen as a local Ray still starting until the start-up lane has staged `after`
+    shards: a slow start made deterministic, so the lane hands over to the actors mid-pass."""
+
+    local = True
+
+    def __init__(self, pool: WorkerPool, records: Path, after: int):
+        self.pool, self.records, self.after = pool, records, after
+        while not pool.an_actor_ready():  # its actors are up: they are ready as soon as this pool says so
+            time.sleep(0.01)
+
+    def an_actor_ready(self) -> bool:
+        staged = len(list(self.records.iterdir())) if self.records.is_dir() else 0
+        return staged >= self.after
+
+    def __getattr__(self, name: str):
+        return getattr(self.pool, name)
+
+
+@pytest.mark.parametrize("method", ["ties", "ram_plus"])  # global statistics: a whole map phase in the lane
+def test_startup_lane_hands_over_to_the_actors_mid_pass(pool, tiny_family, references, tmp_path, method):
+    out = tmp_path / method
+    recipe = recipe_for(tiny_family, method, str(out))
+    options = RunOptions(workers=2, block_size=BLOCK, progress=False, cpus_per_worker=0.25)
+    starting = StartingPool(pool, tmp_path / f".{method}.distmerge-staging" / "records", after=2)
+    result = run_merge(recipe, options, pool=starting)
+    assert merged_bytes(str(out)) == references[method]
+    lane = json.loads((out / "distmerge_provenance.json").read_text())["run"]["blocks_merged_while_ray_started"]
+    # Every statistics pass and the first shards in the driver, the other shards on the actors.
+    passes = len(plan_recipe(recipe, options)[1].phases())
+    assert passes >= 1
+    assert passes * result.num_blocks + 2 <= lane < (passes + 1) * result.num_blocks, (lane, result.num_blocks)
+
+
+def test_startup_lane_is_off_when_asked(pool, tiny_family, references, tmp_path):
+    out = tmp_path / "ties"
+    starting = StartingPool(pool, tmp_path / ".ties.distmerge-staging" / "records", after=10**6)
+    run_merge(recipe_for(tiny_family, "ties", str(out)), RunOptions(
+        workers=2, block_size=BLOCK, progress=False, cpus_per_worker=0.25, merge_while_starting=False), pool=starting)
+    assert merged_bytes(str(out)) == references["ties"]
+    assert json.loads((out / "distmerge_provenance.json").read_text())["run"]["blocks_merged_while_ray_started"] == 0
+
+
+def test_a_local_ray_that_fails_to_start_says_why(monkeypatch):
+    def refuse(options):
+        raise RuntimeError("no room for the object store")
+
+    monkeypatch.setattr("distmerge.local_ray.init_local_ray", refuse)
+    starting = LocalRay(RunOptions(workers=1))
+    with pytest.raises(RuntimeError, match="no room for the object store"):
+        starting.wait(timeout=30)
+    starting.stop()  # returns: nothing to shut down, and its thread ends
+    assert not starting._thread.is_alive()
 
 
 def test_dispatch_leaves_the_last_round_to_whichever_worker_frees_up():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -168,10 +169,11 @@ def test_ray_job_submit_runs_pipeline_and_failures_fail_the_job(ray_head, tiny_f
     assert "missing-model" in logs and "not found" in logs and "failed" in logs, logs[-4000:]
 
 
-def test_cli_merge_on_its_own_local_ray_matches_the_single_process_merge(tiny_family, tmp_path):
-    """`distmerge merge --workers N` starts its local Ray early (while torch imports), merges on it and stops
-    it: the same bytes as without Ray, no autoscaler monitor or dashboard, and no Ray process of its own left
-    behind."""
+@pytest.mark.parametrize("lane", ["--merge-while-starting", "--no-merge-while-starting"])
+def test_cli_merge_on_its_own_local_ray_matches_the_single_process_merge(tiny_family, tmp_path, lane):
+    """`distmerge merge --workers N` starts its local Ray early (while torch imports), merges on it (and, by
+    default, in the driver until an actor is ready) and stops it: the same bytes as without Ray, no autoscaler
+    monitor or dashboard, and no Ray process of its own left behind."""
     recipe = write_recipe(tmp_path, tiny_family, str(tmp_path / "local"), method="ties")
     local = distmerge("merge", str(recipe), "--block-size", "64KiB", "--no-progress")
     assert local.returncode == 0, local.stderr[-2000:]
@@ -179,11 +181,14 @@ def test_cli_merge_on_its_own_local_ray_matches_the_single_process_merge(tiny_fa
     # its processes name it on their command lines.
     ray_tmp = Path(tempfile.mkdtemp(prefix="dm-ray-", dir="/tmp"))
     on_ray = distmerge("merge", str(recipe), "--output", str(tmp_path / "ray-out"), "--workers", "2",
-                       "--cpus-per-worker", "0.5", "--block-size", "64KiB", "--no-progress",
+                       "--cpus-per-worker", "0.5", "--block-size", "64KiB", "--no-progress", lane,
                        env={"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""})
     assert on_ray.returncode == 0, on_ray.stderr[-2000:]
     assert "published" in on_ray.stdout
     assert shards(tmp_path / "ray-out") == shards(tmp_path / "local")
+    run = json.loads((tmp_path / "ray-out" / "distmerge_provenance.json").read_text())["run"]
+    # A tiny merge's first blocks are done long before an actor has imported torch.
+    assert (run["blocks_merged_while_ray_started"] > 0) == (lane == "--merge-while-starting"), run
     leftovers = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
     logs = {p.name for p in ray_tmp.glob("ray/session_*/logs/*")}
     shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -191,3 +196,21 @@ def test_cli_merge_on_its_own_local_ray_matches_the_single_process_merge(tiny_fa
     # The local Ray was lean: GCS, raylet and its agents ran, the autoscaler monitor and dashboard did not.
     assert {"gcs_server.out", "raylet.out", "log_monitor.log"} <= logs, sorted(logs)
     assert not {name for name in logs if name.startswith(("monitor.", "dashboard."))}, sorted(logs)
+
+
+def test_cli_merge_that_fails_while_its_ray_starts_leaves_no_ray_behind(tiny_family, tmp_path):
+    """The local Ray comes up while the recipe is read: a recipe that fails first still has it stopped (a Ray
+    left half-started at exit would orphan its agents)."""
+    recipe = write_recipe(tmp_path, {**tiny_family, "rl-c": str(tmp_path / "no-such-model")}, str(tmp_path / "out"))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dm-ray-", dir="/tmp"))
+    failed = distmerge("merge", str(recipe), "--workers", "1", "--no-progress",
+                       env={"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""})
+    time.sleep(1.0)  # let anything orphaned show up
+    leftovers = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
+    started = any(ray_tmp.glob("ray/session_*/logs/raylet.out"))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    for pid in leftovers:  # stopped here, so a failure of this test does not leave them running
+        os.kill(int(pid), signal.SIGKILL)
+    assert failed.returncode != 0 and "no-such-model" in failed.stderr, failed.stderr[-2000:]
+    assert started, "Ray never started: the test proved nothing"
+    assert leftovers == [], f"Ray processes left behind: {leftovers}"

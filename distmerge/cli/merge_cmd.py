@@ -16,19 +16,18 @@ from distmerge.options import RunOptions
 @run_option_flags(RunOptions)
 def merge(recipe: str, output: str | None, **flags) -> None:
     """Merge the checkpoints named in RECIPE (YAML) and publish the result atomically."""
-    from distmerge.local_ray import start_early
+    from distmerge.local_ray import started_early
 
     options = build_run_options(RunOptions, flags)
-    start_early(options, preload="distmerge.merge")  # a local Ray comes up while torch is imported
+    with started_early(options):  # a local Ray comes up on its own thread while torch imports and blocks merge
+        from distmerge.allocator import keep_freed_memory
+        from distmerge.merge import run_merge
+        from distmerge.recipe import load_recipe
 
-    from distmerge.allocator import keep_freed_memory
-    from distmerge.merge import run_merge
-    from distmerge.recipe import load_recipe
-
-    parsed = load_recipe(recipe, {"output": output})
-    if options.workers == 0:
-        keep_freed_memory()  # this process merges (see distmerge.allocator); with Ray, the actors do
-    result = run_merge(parsed, options)
+        parsed = load_recipe(recipe, {"output": output})
+        if options.workers == 0 or options.merge_while_starting:
+            keep_freed_memory()  # this process merges (see distmerge.allocator), with Ray while it starts
+        result = run_merge(parsed, options)
     click.echo(f"published {result.output} ({result.num_blocks} shards, {result.output_bytes / 2**20:.1f} MiB, "
                f"plan {result.plan_hash}, {result.seconds:.1f}s"
                f"{f', {result.reused_blocks} reused' if result.reused_blocks else ''})")
