@@ -10,6 +10,7 @@ logs of every run next to it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -67,6 +68,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def startup_lane_note(out: Path) -> str:
+    """How many blocks the driver merged while Ray started (the rest were the actors'), from the provenance."""
+    provenance = json.loads((out / "distmerge_provenance.json").read_text())
+    lane = provenance["run"].get("blocks_merged_while_ray_started", 0)
+    return f"{lane} of {provenance['num_blocks']} blocks merged by the driver while Ray started"
+
+
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  "unknown CPU")
@@ -119,8 +127,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 out = scratch / "out" / f"distmerge-{method}-{n}w"
                 cmd = distmerge_command(spec, family, n, out, scratch / "recipes" / f"{method}.yaml",
                                         args.distmerge_args.split())
-                if run(f"distmerge({n}w)", method, cmd, f"distmerge-{method}-{n}w-{repeat}.log").ok:
+                m = run(f"distmerge({n}w)", method, cmd, f"distmerge-{method}-{n}w-{repeat}.log")
+                if m.ok:
                     outputs.append(out)
+                    m.note = startup_lane_note(out) if n else ""
             if exe is not None and spec.mk_method is not None:
                 out = scratch / "out" / f"mergekit-{method}"
                 cmd = mk.mergekit_command(exe, spec, family, out, scratch / "mergekit" / f"{method}.yaml",

@@ -162,6 +162,10 @@ def markdown(report: dict) -> str:
                              f"{c['max_abs_merged_delta']:.3e}); {c['differing_entries']} of {c['entries']} entries "
                              f"differ (equal fraction {c['equal_fraction']:.6f}), in {c['tensors_differing']} of "
                              f"{c['tensors_compared']} tensors")
+    lanes = [f"- {method} {runner}: {r['note']}" for method, rows in report["methods"].items()
+             for runner, r in rows.items() if runner.startswith("distmerge(") and r and r.get("note")]
+    if lanes:
+        lines += ["", "## Start-up lane (best run of each)", ""] + lanes
     if report["method_notes"]:
         lines += ["", "## Method notes", ""] + [f"- {m}: {note}" for m, note in report["method_notes"].items()]
     return "\n".join(lines) + "\n"
