@@ -47,6 +47,9 @@ class LocalExecutor:
                      advance: Callable[[int], None]) -> dict[int, ShardRecord]:
         return self._each(blocks, self.write_work(stats), advance)
 
+    def run_info(self) -> dict[str, int]:
+        return {}
+
     def submit(self, work: Callable[[Block], Any], block: Block) -> Future:
         """Start `work(block)` on one of this executor's threads."""
         if self._pool is None:

@@ -191,7 +191,8 @@ class RayExecutor:
         self.job_box: list | None = None  # the job in Ray's object store, once Ray is up
         self.slots: list[int] = []
         self.lane: StartupLane | None = None
-        self._lane_blocks = 0
+        self._lane_tasks = 0
+        self.tasks = 0  # blocks run, summed over passes (statistics passes and the merge)
         if options.merge_while_starting and device == "cpu" and self.pool.local and not self.pool.an_actor_ready():
             self.lane = StartupLane(job, staging, device)
 
@@ -228,6 +229,7 @@ class RayExecutor:
     def _pass(self, blocks: Sequence[Block], lane_work, make_submit, advance: Callable[[int], None]) -> dict[int, Any]:
         """One pass over `blocks`: the start-up lane's share while no actor is ready, then the actors' (once
         Ray is up, `make_submit()` gives the function that submits a block to an actor)."""
+        self.tasks += len(blocks)
         results: dict[int, Any] = {}
         running: dict = {}
         if self.lane is not None:
@@ -245,16 +247,17 @@ class RayExecutor:
             self._retire_lane()
         return results
 
-    @property
-    def lane_blocks(self) -> int:
-        """Blocks the start-up lane merged (read while `close` may be retiring it on another thread)."""
+    def run_info(self) -> dict[str, int]:
+        """For the provenance: block tasks (a block in one pass) run, and how many the start-up lane ran. Read
+        while `close` may be retiring the lane on another thread."""
         lane = self.lane
-        return lane.blocks if lane is not None else self._lane_blocks
+        return {"block_tasks": self.tasks,
+                "block_tasks_in_driver_while_ray_started": lane.blocks if lane is not None else self._lane_tasks}
 
     def _retire_lane(self) -> None:
         lane = self.lane
         if lane is not None:
-            self._lane_blocks = lane.blocks
+            self._lane_tasks = lane.blocks
             self.lane = None
             lane.close()
 

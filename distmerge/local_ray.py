@@ -201,8 +201,9 @@ class _DropRecords(logging.Filter):
 
 @contextlib.contextmanager
 def _off_main_thread_quietly() -> Iterator[None]:
-    """`ray.init` off the main thread warns that it did not set its SIGTERM handler; `started_early` sets the
-    same handler itself, so the warning would only alarm users."""
+    """`ray.init` off the main thread warns that it did not set its SIGTERM handler (exit through atexit). The
+    CLI sets the same handler itself (`started_early`), a library caller keeps its own: the warning would
+    only alarm users."""
     worker_log = logging.getLogger("ray._private.worker")
     quiet = _DropRecords("SIGTERM handler is not set")
     worker_log.addFilter(quiet)

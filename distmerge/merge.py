@@ -86,7 +86,7 @@ def run_merge(recipe: Recipe, options: RunOptions | None = None, *, write_delta:
     closing.start()
     try:
         result = _publish(recipe, options, plan, job, writer, stats, reused, records, write_delta, device, start,
-                          getattr(executor, "lane_blocks", 0))  # the Ray executor's start-up lane
+                          executor.run_info())
     finally:
         closing.join()
     log.info("merged %s in %.1fs (%d blocks, %d reused)", recipe.output, result.seconds, len(plan.blocks), reused)
@@ -102,11 +102,11 @@ def _close(executor) -> None:
 
 def _publish(recipe: Recipe, options: RunOptions, plan: Plan, job: MergeJob, writer: CheckpointWriter,
              stats: dict[str, Any], reused: int, records: dict, write_delta: bool, device: str,
-             start: float, driver_blocks: int) -> MergeResult:
+             start: float, executor_info: dict[str, int]) -> MergeResult:
     """Provenance, model card and the atomic commit (index last)."""
     run_info = {"kind": "vector" if write_delta else "merge", "workers": options.workers, "device": device,
                 "block_size": options.block_size, "seconds": round(time.perf_counter() - start, 3),
-                "reused_blocks": reused, "blocks_merged_while_ray_started": driver_blocks}
+                "reused_blocks": reused, **executor_info}
     provenance = build_provenance(recipe.canonical(), plan, json_safe(stats), run_info)
     writer.stage_file(PROVENANCE_NAME, (json.dumps(provenance, indent=2) + "\n").encode())
     writer.stage_file(MODEL_CARD_NAME, model_card(provenance).encode())

@@ -8,7 +8,7 @@ it has started finish here, alongside the actors) and it is closed, its memory r
 Only for CPU merges on a local Ray started for the merge: on a cluster the driver may be a small head node,
 or a laptop behind `ray://`, far from the data. Blocks are idempotent and their bytes do not depend on who
 merges them, so the output is the same whatever share the lane took (`--no-merge-while-starting` turns it
-off; the provenance records how many blocks it merged).
+off; the provenance records how many block tasks it ran).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ POLL_SECONDS = 0.05
 class StartupLane:
     def __init__(self, job: MergeJob, staging: Location, device: str = "cpu", threads: int | None = None):
         self.local = LocalExecutor(job, staging, device, threads or machine_cpus())
-        self.blocks = 0  # blocks merged here
+        self.blocks = 0  # block tasks run here (a block in one pass: statistics or merge)
 
     def map_work(self, phase_index: int, stats: dict[str, Any]) -> Callable[[Block], Any]:
         return self.local.map_work(phase_index, stats)
@@ -69,6 +69,6 @@ class StartupLane:
 
     def close(self) -> None:
         if self.blocks:
-            log.info("merged %d block(s) in this process while the Ray workers started", self.blocks)
+            log.info("ran %d block task(s) in this process while the Ray workers started", self.blocks)
         self.local.close()
         release_freed_memory()  # the lane's working set, for the actors

@@ -130,11 +130,12 @@ def test_startup_lane_hands_over_to_the_actors_mid_pass(pool, tiny_family, refer
     starting = StartingPool(pool, tmp_path / f".{method}.distmerge-staging" / "records", after=2)
     result = run_merge(recipe, options, pool=starting)
     assert merged_bytes(str(out)) == references[method]
-    lane = json.loads((out / "distmerge_provenance.json").read_text())["run"]["blocks_merged_while_ray_started"]
+    run = json.loads((out / "distmerge_provenance.json").read_text())["run"]
+    lane = run["block_tasks_in_driver_while_ray_started"]
     # Every statistics pass and the first shards in the driver, the other shards on the actors.
     passes = len(plan_recipe(recipe, options)[1].phases())
-    assert passes >= 1
-    assert passes * result.num_blocks + 2 <= lane < (passes + 1) * result.num_blocks, (lane, result.num_blocks)
+    assert passes >= 1 and run["block_tasks"] == (passes + 1) * result.num_blocks
+    assert passes * result.num_blocks + 2 <= lane < run["block_tasks"], (lane, result.num_blocks)
 
 
 def test_startup_lane_is_off_when_asked(pool, tiny_family, references, tmp_path):
@@ -143,7 +144,8 @@ def test_startup_lane_is_off_when_asked(pool, tiny_family, references, tmp_path)
     run_merge(recipe_for(tiny_family, "ties", str(out)), RunOptions(
         workers=2, block_size=BLOCK, progress=False, cpus_per_worker=0.25, merge_while_starting=False), pool=starting)
     assert merged_bytes(str(out)) == references["ties"]
-    assert json.loads((out / "distmerge_provenance.json").read_text())["run"]["blocks_merged_while_ray_started"] == 0
+    run = json.loads((out / "distmerge_provenance.json").read_text())["run"]
+    assert run["block_tasks_in_driver_while_ray_started"] == 0 and run["block_tasks"] > 0
 
 
 def test_a_local_ray_that_fails_to_start_says_why(monkeypatch):

@@ -188,7 +188,7 @@ def test_cli_merge_on_its_own_local_ray_matches_the_single_process_merge(tiny_fa
     assert shards(tmp_path / "ray-out") == shards(tmp_path / "local")
     run = json.loads((tmp_path / "ray-out" / "distmerge_provenance.json").read_text())["run"]
     # A tiny merge's first blocks are done long before an actor has imported torch.
-    assert (run["blocks_merged_while_ray_started"] > 0) == (lane == "--merge-while-starting"), run
+    assert (run["block_tasks_in_driver_while_ray_started"] > 0) == (lane == "--merge-while-starting"), run
     leftovers = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
     logs = {p.name for p in ray_tmp.glob("ray/session_*/logs/*")}
     shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -69,10 +69,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def startup_lane_note(out: Path) -> str:
-    """How many blocks the driver merged while Ray started (the rest were the actors'), from the provenance."""
-    provenance = json.loads((out / "distmerge_provenance.json").read_text())
-    lane = provenance["run"].get("blocks_merged_while_ray_started", 0)
-    return f"{lane} of {provenance['num_blocks']} blocks merged by the driver while Ray started"
+    """How much of the work the driver did while Ray started (the rest was the actors'), from the provenance."""
+    run = json.loads((out / "distmerge_provenance.json").read_text())["run"]
+    return (f"{run.get('block_tasks_in_driver_while_ray_started', 0)} of {run.get('block_tasks', '?')} block tasks "
+            "(a block in one pass) run by the driver while Ray started")
 
 
 def machine() -> str:
