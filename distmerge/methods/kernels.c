@@ -102,13 +102,22 @@ HOT void count_equal_magnitudes(const float *x, int64_t n, float first, float se
     counts[1] = b;
 }
 
-/* Zero the entries with |x| == value numbered outside [low, high) among those, in flat order. */
-void drop_equal_outside(float *out, const float *x, int64_t n, float value, int64_t low, int64_t high) {
+/* Zero the entries with |x| == value numbered outside [low, high) among those, in flat order. Equal entries
+ * are rare (a band edge's ties): a branch-free test, which vectorizes, finds the spans of SCAN entries that
+ * hold any, and only those are walked one entry at a time (the count makes that walk serial). */
+#define SCAN 32
+HOT void drop_equal_outside(float *out, const float *x, int64_t n, float value, int64_t low, int64_t high) {
     int64_t seen = 0;
-    for (int64_t i = 0; i < n; i++) {
-        if (fabs_bits(x[i]) == value) {
-            if (seen < low || seen >= high) out[i] = 0.0f;
-            seen++;
+    for (int64_t start = 0; start < n; start += SCAN) {
+        const int64_t end = start + SCAN < n ? start + SCAN : n;
+        int any = 0;
+        for (int64_t i = start; i < end; i++) any |= fabs_bits(x[i]) == value;
+        if (!any) continue;
+        for (int64_t i = start; i < end; i++) {
+            if (fabs_bits(x[i]) == value) {
+                if (seen < low || seen >= high) out[i] = 0.0f;
+                seen++;
+            }
         }
     }
 }
