@@ -81,6 +81,12 @@ def add_bin_histogram(tau: torch.Tensor, high_bin: int, into: torch.Tensor) -> i
     return _lib().bin_histogram(_ptr(tau), tau.numel(), high_bin, _ptr(into))
 
 
+def add_bin_histogram_pair(tau: torch.Tensor, bins: tuple[int, int], into: torch.Tensor, above: torch.Tensor) -> None:
+    """add_bin_histogram for two bins in one pass: into[r] (contiguous int64 [2, 65536]) += the histogram of bin
+    r; above[r] (contiguous int64 [2]) = how many entries lie above bin r."""
+    _lib().bin_histogram_pair(_ptr(tau), tau.numel(), bins[0], bins[1], _ptr(into), _ptr(above))
+
+
 def keep_at_least(tau: torch.Tensor, threshold: float) -> torch.Tensor:
     """keep(|tau| >= threshold, tau)."""
     out = torch.empty_like(tau)

@@ -80,6 +80,37 @@ HOT int64_t bin_histogram(const int32_t *bits, int64_t n, int64_t high_bin, int6
     return above - (high_bin == 0 ? wrapped : 0);
 }
 
+/* bin_histogram for two bins in one pass over the entries (two order statistics of one tensor, such as
+ * breadcrumbs' band edges): `in_bins` holds the two histograms one after the other, `above` receives the two
+ * counts. Equal bins each get the whole histogram, as two calls would give them. */
+HOT void bin_histogram_pair(const int32_t *bits, int64_t n, int64_t bin_a, int64_t bin_b, int64_t *in_bins,
+                            int64_t *above) {
+    int64_t above_a = 0, above_b = 0, wrapped = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t m = bits[i] & ABS_MASK;
+        above_a += (m >> 16) > bin_a;
+        above_b += (m >> 16) > bin_b;
+        wrapped += m == ABS_MASK;
+    }
+    int64_t *in_a = in_bins, *in_b = in_bins + NUM_BINS;
+    int64_t first_a = 0, first_b = 0; /* entries with low bits 0, in registers (see bin_histogram) */
+    for (int64_t i = 0; i < n; i++) {
+        int32_t m = bits[i] & ABS_MASK;
+        if ((m >> 16) == bin_a) {
+            if (m & 0xFFFF) in_a[m & 0xFFFF]++;
+            else first_a++;
+        }
+        if ((m >> 16) == bin_b) {
+            if (m & 0xFFFF) in_b[m & 0xFFFF]++;
+            else first_b++;
+        }
+    }
+    in_a[0] += first_a;
+    in_b[0] += first_b;
+    above[0] = above_a - (bin_a == 0 ? wrapped : 0);
+    above[1] = above_b - (bin_b == 0 ? wrapped : 0);
+}
+
 HOT void keep_at_least(const float *x, int64_t n, float threshold, float *out) {
     for (int64_t i = 0; i < n; i++) out[i] = fabs_bits(x[i]) >= threshold ? x[i] : 0.0f;
 }

@@ -34,6 +34,7 @@ _SIGNATURES = {
     "bf16_delta": [_P, _P, _I64, _P],
     "high_histogram": [_P, _I64, _P],
     "bin_histogram": [_P, _I64, _I64, _P],
+    "bin_histogram_pair": [_P, _I64, _I64, _I64, _P, _P],
     "keep_at_least": [_P, _I64, _F32, _P],
     "keep_band": [_P, _I64, _F32, _F32, _P],
     "count_equal_magnitudes": [_P, _I64, _F32, _F32, _P],

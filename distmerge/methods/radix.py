@@ -114,6 +114,9 @@ def order_statistic_phases(key: str, ranks: Ranks,
         low = torch.zeros(len(inputs.deltas), len(bins[0]) if bins else 0, NUM_BINS, dtype=torch.int64)
         above = torch.zeros(low.shape[:2], dtype=torch.int64)
         for m, (tau, model_bins) in enumerate(zip(inputs.deltas, bins, strict=True)):
+            if len(model_bins) == 2 and cpu_kernels.enabled(tau):  # two bins, one pass over tau
+                cpu_kernels.add_bin_histogram_pair(tau, model_bins, low[m], above[m])
+                continue
             for r, high_bin in enumerate(model_bins):
                 above[m, r] = _add_bin_histogram(tau, high_bin, low[m, r])
         return {"low": low, "above": above, "numel": _numel(inputs)}
