@@ -43,10 +43,10 @@ def build_testbed():
 
 def run_merges(out: Path, workers: int) -> dict[str, str]:
     """Every demo recipe on one pool of Ray actors; returns name -> output path."""
-    from distmerge.execute_ray import WorkerPool
     from distmerge.merge import run_merge
     from distmerge.options import RunOptions
     from distmerge.recipe import load_recipe
+    from distmerge.worker_pool import WorkerPool
 
     options = RunOptions(workers=workers, cpus_per_worker=1.0, overwrite=True, progress=False)
     pool = WorkerPool(options, "cpu")

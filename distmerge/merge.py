@@ -64,7 +64,7 @@ def plan_recipe(recipe: Recipe, options: RunOptions) -> tuple[Plan, MergeJob]:
 def run_merge(recipe: Recipe, options: RunOptions | None = None, *, write_delta: bool = False,
               pool=None) -> MergeResult:
     """Merge and publish. `write_delta` publishes the merged vector itself (vector extract); `pool` (a
-    `distmerge.execute_ray.WorkerPool`) reuses Ray actors across merges in long-running drivers."""
+    `distmerge.worker_pool.WorkerPool`) reuses Ray actors across merges in long-running drivers."""
     options = options or RunOptions()
     start = time.perf_counter()
     plan, job = plan_recipe(recipe, options)

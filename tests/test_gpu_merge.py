@@ -80,8 +80,8 @@ def test_ray_workers_on_the_gpu_match_the_single_process_gpu_merge(gpu_ray, tiny
 
 
 def test_gpu_workers_hold_a_gpu(gpu_ray):
-    from distmerge.execute_ray import WorkerPool
     from distmerge.options import RunOptions
+    from distmerge.worker_pool import WorkerPool
 
     pool = WorkerPool(RunOptions(workers=2, cpus_per_worker=0.25, gpus_per_worker=0.5), "cuda")
     try:

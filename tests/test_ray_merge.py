@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import ray
 
-from distmerge.execute_ray import WorkerPool, dispatch_slots
+from distmerge.execute_ray import dispatch_slots
 from distmerge.local_ray import LocalRay
 from distmerge.merge import plan_recipe, run_merge
 from distmerge.methods import method_names
 from distmerge.options import RunOptions
 from distmerge.recipe import parse_recipe
+from distmerge.worker_pool import WorkerPool
 
 BLOCK = 64 * 1024  # many blocks from a tiny model, so work really spreads over workers
 PARAMS = {"ties": {"trim_scope": "global"}}  # the statistics path is the interesting one

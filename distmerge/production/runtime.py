@@ -63,7 +63,7 @@ class Runtime:
         if self.run_options.workers == 0:
             return None
         if self._merge_pool is None:
-            from distmerge.execute_ray import WorkerPool
+            from distmerge.worker_pool import WorkerPool
 
             self.ensure_ray()
             if self._engine_pool is not None and not self._room_for_both():
