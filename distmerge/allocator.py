@@ -22,13 +22,17 @@ _MMAP_THRESHOLD = 32 * 1024**2  # the largest glibc accepts; above a merge's ten
 _TRIM_THRESHOLD = 256 * 1024**2
 
 
-def keep_freed_memory() -> bool:
-    """Apply the settings above in this process; False where the C library has no mallopt (not glibc)."""
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
+        return ctypes.CDLL(name) if name else None
     except OSError:
-        libc = None
+        return None
+
+
+def keep_freed_memory() -> bool:
+    """Apply the settings above in this process; False where the C library has no mallopt (not glibc)."""
+    libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         log.debug("no mallopt in this C library: allocator left as is")
         return False
@@ -39,10 +43,6 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> None:
     """Return the memory freed so far to the system (glibc's malloc_trim), e.g. once this process has stopped
     merging and other processes (Ray actors) need the room."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return
+    libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)

@@ -58,13 +58,13 @@ def local_ray_init_kwargs(options: RunOptions) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def started_early(options: RunOptions) -> Iterator[None]:
+def started_early(options: RunOptions) -> Iterator[bool]:
     """Begin starting the local Ray `connect_ray(options)` would start, and return at once; a start no merge
-    claimed (the recipe was bad, say) is stopped on leaving. No-op without workers, with a cluster address,
-    or when this process already has Ray."""
-    _start_early(options)
+    claimed (the recipe was bad, say) is stopped on leaving. Yields whether a local Ray is starting: not
+    without workers, with a cluster address, or when this process already has Ray."""
+    starting = _start_early(options)
     try:
-        yield
+        yield starting
     finally:
         unclaimed = _early.pop("ray", None)
         if unclaimed is not None:
@@ -72,14 +72,15 @@ def started_early(options: RunOptions) -> Iterator[None]:
             unclaimed.stop()
 
 
-def _start_early(options: RunOptions) -> None:
+def _start_early(options: RunOptions) -> bool:
     if options.workers == 0 or cluster_address(options) or ray.is_initialized() or "ray" in _early:
-        return
+        return False
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         # What ray.init sets on a main thread: SIGTERM exits through atexit, so Ray is shut down cleanly.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
     _early["ray"] = LocalRay(options)
+    return True
 
 
 class LocalRay:

@@ -19,13 +19,13 @@ def merge(recipe: str, output: str | None, **flags) -> None:
     from distmerge.local_ray import started_early
 
     options = build_run_options(RunOptions, flags)
-    with started_early(options):  # a local Ray comes up on its own thread while torch imports and blocks merge
+    with started_early(options) as local_ray:  # a local Ray comes up on its own thread while torch imports
         from distmerge.allocator import keep_freed_memory
         from distmerge.merge import run_merge
         from distmerge.recipe import load_recipe
 
         parsed = load_recipe(recipe, {"output": output})
-        if options.workers == 0 or options.merge_while_starting:
+        if options.workers == 0 or (local_ray and options.merge_while_starting):
             keep_freed_memory()  # this process merges (see distmerge.allocator), with Ray while it starts
         result = run_merge(parsed, options)
     click.echo(f"published {result.output} ({result.num_blocks} shards, {result.output_bytes / 2**20:.1f} MiB, "
