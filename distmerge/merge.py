@@ -112,7 +112,7 @@ def _publish(recipe: Recipe, options: RunOptions, plan: Plan, job: MergeJob, wri
     writer.stage_file(MODEL_CARD_NAME, model_card(provenance).encode())
     aux = writer.stage_aux_from(job.indexes["target"].location, _config_updates(recipe))
     writer.commit(list(records.values()), [*aux, PROVENANCE_NAME, MODEL_CARD_NAME],
-                  check_hash=options.verify == "sha256", metadata={"distmerge_plan": plan.hash()})
+                  check_hash=options.verify == "checksum", metadata={"distmerge_plan": plan.hash()})
     seconds = time.perf_counter() - start
     return MergeResult(writer.output.url, plan.hash(), len(plan.blocks), reused, plan.total_bytes, seconds, stats)
 
@@ -121,7 +121,7 @@ def _execute(job: MergeJob, state: StagingState, executor, options: RunOptions):
     plan = job.plan
     phases = job.phases()
     stats = state.load_stats() if options.resume else None
-    done = state.completed(check_hash=options.verify == "sha256") if options.resume else {}
+    done = state.completed(check_hash=options.verify == "checksum") if options.resume else {}
     todo = [b for b in plan.blocks if b.id not in done]
     passes = (len(phases) if stats is None else 0) + 1
     total = (passes - 1) * plan.total_bytes + sum(b.nbytes for b in todo)

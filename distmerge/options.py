@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Output bytes per block (= per output shard) unless --block-size says otherwise.
 DEFAULT_BLOCK_SIZE = 256 * 1024**2
@@ -24,7 +24,9 @@ class RunOptions(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device; auto uses a GPU when present.")
     resume: bool = Field(False, description="Reuse staged shards of an interrupted merge whose checksums verify.")
     overwrite: bool = Field(False, description="Replace a committed checkpoint at the output URL.")
-    verify: Literal["sha256", "size"] = Field("sha256", description="How staged shards are checked before commit.")
+    verify: Literal["checksum", "size"] = Field(
+        "checksum", description="How staged shards are checked before commit and on resume: size and checksum "
+        "(xxh3-128, read back in full), or size only.")
     progress: bool = Field(True, description="Show a progress bar on the driver.")
     in_flight_per_worker: int = Field(1, ge=0, description="Blocks queued on each worker beyond one per thread, "
                                       "while more than a round of blocks is left (none for the last round, so "
@@ -45,6 +47,11 @@ class RunOptions(BaseModel):
         None, gt=0, description="Seconds after which a block's worker is presumed hung, replaced, and the block "
         "retried (default: wait; a dead worker or node is detected by Ray either way)."
     )
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _sha256_is_checksum(cls, value):
+        return "checksum" if value == "sha256" else value  # the name this setting had before xxh3-128
 
 
 def machine_cpus() -> int:

@@ -9,7 +9,6 @@ with a message naming the file and tensor, never produce a wrong tensor.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -19,6 +18,7 @@ from typing import BinaryIO
 
 import torch
 
+from distmerge.checksum import checksum_text, new_hasher
 from distmerge.errors import CheckpointError
 
 # Headers of real checkpoints are well under 10 MiB; a larger length means corruption, not a model.
@@ -184,7 +184,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 class ShardStream:
     """Write a safetensors file tensor by tensor: the header comes first (from the planned specs), so a
-    shard never has to sit in memory whole. The sha256 is computed on the fly."""
+    shard never has to sit in memory whole. Its checksum (`distmerge.checksum`) is computed on the fly."""
 
     def __init__(self, stream: BinaryIO, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
@@ -193,7 +193,8 @@ class ShardStream:
         self._next = 0
         self._current = 0  # bytes of the current tensor written so far
         header = build_header(self._specs, metadata or {"format": "pt"})
-        self._digest = hashlib.sha256(header)
+        self._digest = new_hasher()
+        self._digest.update(header)
         stream.write(header)
         self.size = len(header)
 
@@ -223,13 +224,13 @@ class ShardStream:
     def finish(self) -> tuple[int, str]:
         if self._next != len(self._specs):
             raise AssertionError(f"shard stream closed after {self._next} of {len(self._specs)} tensors")
-        return self.size, self._digest.hexdigest()
+        return self.size, checksum_text(self._digest)
 
 
 def write_safetensors(
     stream: BinaryIO, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
 ) -> tuple[int, str]:
-    """Stream a safetensors file; returns (bytes written, sha256 hex) computed on the fly."""
+    """Stream a safetensors file; returns (bytes written, "<algorithm>:<hex>" checksum) computed on the fly."""
     shard = ShardStream(stream, [(n, t.dtype, tuple(t.shape)) for n, t in tensors], metadata)
     for name, tensor in tensors:
         shard.write(name, tensor)

@@ -1,7 +1,7 @@
 """Write a sharded safetensors checkpoint through a staging prefix and commit it atomically.
 
 Shards are streamed to `<parent>/.<name>.distmerge-staging/` (a sibling of the output, so a local commit is
-a rename on one filesystem). `commit` verifies every staged shard against its record (size, sha256), moves
+a rename on one filesystem). `commit` verifies every staged shard against its record (size, checksum), moves
 shards, auxiliary files and the manifest into place, and writes `model.safetensors.index.json` LAST: a
 reader that finds the index finds a complete checkpoint; a crash before that leaves no index, and the
 staging prefix can be resumed. Inputs are never overwritten.
@@ -9,7 +9,6 @@ staging prefix can be resumed. Inputs are never overwritten.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from distmerge.checkpoint import AUX_FILES, INDEX_NAME
+from distmerge.checksum import algorithm_of, checksum_text, new_hasher
 from distmerge.errors import CheckpointError, StorageError
 from distmerge.safetensors_format import write_safetensors
 from distmerge.storage import Location, location
@@ -35,7 +35,7 @@ class ShardRecord:
 
     file: str
     size: int
-    sha256: str
+    checksum: str  # "<algorithm>:<hex>" (distmerge.checksum)
     tensors: tuple[str, ...]
     num_bytes_data: int = 0
 
@@ -44,7 +44,9 @@ class ShardRecord:
 
     @classmethod
     def from_json(cls, raw: Mapping) -> ShardRecord:
-        return cls(raw["file"], int(raw["size"]), raw["sha256"], tuple(raw["tensors"]), int(raw.get("num_bytes_data", 0)))
+        # Records of older versions carry a bare "sha256".
+        checksum = raw["checksum"] if "checksum" in raw else f"sha256:{raw['sha256']}"
+        return cls(raw["file"], int(raw["size"]), checksum, tuple(raw["tensors"]), int(raw.get("num_bytes_data", 0)))
 
 
 def pack_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
@@ -86,26 +88,26 @@ def write_shard(staging: Location, file: str, tensors: Sequence[tuple[str, torch
 
 
 def verify_shard(staging: Location, record: ShardRecord, *, check_hash: bool = True) -> bool:
-    """True when the staged shard has the recorded size (and sha256)."""
+    """True when the staged shard has the recorded size (and checksum)."""
     loc = staging.child(record.file)
     try:
         if loc.size() != record.size:
             return False
         if not check_hash:
             return True
-        return _sha256(loc) == record.sha256
-    except StorageError:
+        return _checksum(loc, algorithm_of(record.checksum)) == record.checksum
+    except (StorageError, ValueError):
         return False
 
 
-def _sha256(loc: Location, chunk: int = 8 << 20) -> str:
+def _checksum(loc: Location, algorithm: str, chunk: int = 8 << 20) -> str:
     # 8 MiB per ranged read: big enough for object stores, small enough that verifying at commit (while the
     # merge's workers are still stopping) adds little to the run's peak memory.
-    digest = hashlib.sha256()
+    digest = new_hasher(algorithm)
     size = loc.size()
     for start in range(0, size, chunk):
         digest.update(loc.read_range(start, min(size, start + chunk), file_size=size))
-    return digest.hexdigest()
+    return checksum_text(digest, algorithm)
 
 
 @dataclass
@@ -159,7 +161,7 @@ class CheckpointWriter:
             ok = list(pool.map(lambda r: verify_shard(self.staging, r, check_hash=check_hash), records))
         bad = [r.file for r, good in zip(records, ok, strict=True) if not good]
         if bad:
-            raise CheckpointError(f"staged shard(s) {bad} do not match their records (size/sha256); nothing "
+            raise CheckpointError(f"staged shard(s) {bad} do not match their records (size/checksum); nothing "
                                   "was published", file=self.staging.url, fix="re-run the merge (or --resume)")
         names = [n for r in records for n in r.tensors]
         if len(names) != len(set(names)):

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
 import transformers
+import xxhash
 
 from distmerge.checkpoint import CheckpointIndex
+from distmerge.checksum import new_hasher
 from distmerge.errors import CheckpointError
+from distmerge.options import RunOptions
 from distmerge.reader import read_tensors
 from distmerge.storage import Location, copy_tree
-from distmerge.writer import CheckpointWriter, ShardRecord, pack_shards, shard_file_name
+from distmerge.writer import CheckpointWriter, ShardRecord, pack_shards, shard_file_name, verify_shard
 
 
 def write_checkpoint(source: str, dest: str, options: dict, max_shard_bytes: int, **writer_kwargs) -> list:
@@ -49,6 +53,8 @@ def test_round_trip_loads_in_transformers_on_every_backend(tiny_qwen2, remote_ro
     assert len(set(index["weight_map"].values())) == len(records) > 1
     manifest = json.loads((local / "distmerge_manifest.json").read_text())
     assert {s["file"] for s in manifest["shards"]} == {r.file for r in records}
+    for shard in manifest["shards"]:  # the published checksum is xxh3-128 of the file's bytes
+        assert shard["checksum"] == "xxh3_128:" + xxhash.xxh3_128((local / shard["file"]).read_bytes()).hexdigest()
 
 
 def test_bf16_tied_round_trip(tiny_llama, tmp_path):
@@ -92,5 +98,20 @@ def test_overwrite_replaces_old_shards(tiny_qwen2, tmp_path):
 
 
 def test_shard_record_round_trips_json():
-    record = ShardRecord("f.safetensors", 10, "ab", ("x", "y"), 8)
+    record = ShardRecord("f.safetensors", 10, "xxh3_128:ab", ("x", "y"), 8)
     assert ShardRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+
+
+def test_records_of_older_versions_verify_with_sha256(tiny_qwen2, tmp_path):
+    # A staging written before checksums became xxh3-128 (a bare "sha256") still resumes and commits.
+    writer, records = write_checkpoint(tiny_qwen2, str(tmp_path / "out"), {}, 10**9)
+    shard = writer.staging.child(records[0].file)
+    legacy = {**records[0].to_json(), "sha256": hashlib.sha256(shard.read_bytes()).hexdigest()}
+    del legacy["checksum"]
+    record = ShardRecord.from_json(legacy)
+    assert record.checksum.startswith("sha256:") and verify_shard(writer.staging, record)
+    assert not verify_shard(writer.staging, ShardRecord.from_json({**legacy, "sha256": "0" * 64}))
+    assert not verify_shard(writer.staging, ShardRecord.from_json({**legacy, "checksum": "md4:00"}))
+    assert RunOptions(verify="sha256").verify == "checksum"  # the setting's old value
+    with pytest.raises(ValueError, match="unknown checksum algorithm"):
+        new_hasher("md4")
