@@ -31,6 +31,7 @@ from typing import Any
 import ray
 
 from distmerge.options import RunOptions, machine_cpus
+from distmerge.priority import lower_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +80,29 @@ def _start_early(options: RunOptions) -> bool:
             signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         # What ray.init sets on a main thread: SIGTERM exits through atexit, so Ray is shut down cleanly.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-    _early["ray"] = LocalRay(options)
+    # With the lane on, the merge runs here while Ray starts: Ray's start-up takes only the cycles it leaves.
+    _early["ray"] = LocalRay(options, background=options.merge_while_starting)
     return True
 
 
 class LocalRay:
     """A local Ray started on a thread of its own, which stays alive until `stop`: Ray's daemons get a
-    parent-death signal when the thread that spawned them exits, so it cannot be a short-lived helper."""
+    parent-death signal when the thread that spawned them exits, so it cannot be a short-lived helper.
+    `background`: that thread, and so every Ray process, runs at the lowest CPU priority (`distmerge.priority`)."""
 
-    def __init__(self, options: RunOptions):
+    def __init__(self, options: RunOptions, background: bool = False):
         self.error: BaseException | None = None
+        self.background = background
         self._up = threading.Event()
         self._release = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(options,), name="distmerge-ray", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(options, background), name="distmerge-ray",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self, options: RunOptions) -> None:
+    def _run(self, options: RunOptions, background: bool) -> None:
         try:
+            if background:
+                lower_this_thread()
             with _off_main_thread_quietly():
                 init_local_ray(options)
         except BaseException as exc:  # re-raised on the thread that waits for Ray

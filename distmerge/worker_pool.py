@@ -26,6 +26,7 @@ from distmerge.local_ray import connect_ray
 from distmerge.merge_core import BlockMerger, MergeJob
 from distmerge.options import RunOptions, worker_threads
 from distmerge.plan import Block
+from distmerge.priority import set_process_priority, this_thread_priority
 from distmerge.staging import save_record
 from distmerge.storage import Location
 
@@ -38,8 +39,11 @@ class MergeWorker:
     on several threads at once (one block each): BlockMerger keeps no state between blocks.
     """
 
-    def __init__(self):
+    def __init__(self, priority: int | None = None):
         import torch
+
+        if priority is not None:  # the driver's: a local Ray may have started its processes in the background
+            set_process_priority(priority)
 
         torch.set_num_threads(1)  # parallelism comes from blocks on threads (see the module docstring)
         keep_freed_memory()  # this process exists to merge (see distmerge.allocator)
@@ -126,7 +130,8 @@ class WorkerPool:
             name=name, namespace="distmerge", scheduling_strategy="SPREAD", max_restarts=0,
             max_concurrency=self.threads, runtime_env={"env_vars": env} if env else None, **resources,
         )
-        return actor_cls.remote()
+        background = self._ray.local is not None and self._ray.local.background
+        return actor_cls.remote(this_thread_priority() if background else None)
 
     def replace(self, slot: int) -> None:
         ray.kill(self.actors[slot], no_restart=True)

@@ -214,3 +214,50 @@ def test_cli_merge_that_fails_while_its_ray_starts_leaves_no_ray_behind(tiny_fam
     assert failed.returncode != 0 and "no-such-model" in failed.stderr, failed.stderr[-2000:]
     assert started, "Ray never started: the test proved nothing"
     assert leftovers == [], f"Ray processes left behind: {leftovers}"
+
+
+PRIORITIES = """
+import json, os, sys, time
+import psutil
+from distmerge.local_ray import started_early
+from distmerge.options import RunOptions
+from distmerge.worker_pool import WorkerPool
+
+options = RunOptions(workers=1, merge_while_starting=sys.argv[1] == "on")
+with started_early(options):
+    pool = WorkerPool(options, "cpu")
+    try:
+        deadline = time.time() + 120
+        while not pool.an_actor_ready() and time.time() < deadline:
+            time.sleep(0.05)
+        ray_nice = {p.name(): p.nice() for p in psutil.Process().children() if p.name() in ("gcs_server", "raylet")}
+        actor = pool.actors[0].where.remote()
+        import ray
+        pid = ray.get(actor)["pid"]
+        print(json.dumps({"driver": os.getpriority(os.PRIO_PROCESS, 0), "ray": ray_nice,
+                          "actor": os.getpriority(os.PRIO_PROCESS, pid)}))
+    finally:
+        pool.close()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_a_local_ray_started_while_the_driver_merges_starts_in_the_background(tmp_path):
+    """With the start-up lane on, the CLI's local Ray starts at nice 19 (its start-up must not slow the merge
+    the driver runs meanwhile), the driver keeps its priority, and an actor returns to the driver's priority
+    where the system allows raising it."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dm-ray-", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
+    try:
+        done = subprocess.run([sys.executable, "-c", PRIORITIES, "on"], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=REPO)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    driver = seen["driver"]
+    assert driver < 19 and seen["ray"] == {"gcs_server": 19, "raylet": 19}, seen
+    # Raising a priority again needs CAP_SYS_NICE (root in most containers): ask the kernel, in a child.
+    may_raise = subprocess.run([sys.executable, "-c", "import os; os.nice(1); os.setpriority(os.PRIO_PROCESS, 0, "
+                                f"{driver})"], capture_output=True).returncode == 0
+    assert seen["actor"] == (driver if may_raise else 19), seen
