@@ -57,58 +57,75 @@ HOT void high_histogram(const int32_t *bits, int64_t n, int64_t *histogram) {
     histogram[0] += zeros;
 }
 
-/* Adds to `in_bin` (65536) the histogram of the low 16 bits of the entries whose upper 16 bits are high_bin
- * and returns how many entries lie above that bin, as radix._bin_histogram counts them: it compares bit
- * patterns relative to the bin's start in int32, so with high_bin 0 the pattern 0x7FFFFFFF (a NaN) wraps
- * around and counts as below. */
-HOT int64_t bin_histogram(const int32_t *bits, int64_t n, int64_t high_bin, int64_t *in_bin) {
-    int64_t above = 0, wrapped = 0;
-    for (int64_t i = 0; i < n; i++) {
-        int32_t m = bits[i] & ABS_MASK;
-        above += (m >> 16) > high_bin;
-        wrapped += m == ABS_MASK;
-    }
-    int64_t first = 0; /* entries with low bits 0, in a register: every zero when high_bin is 0 */
-    for (int64_t i = 0; i < n; i++) {
-        int32_t m = bits[i] & ABS_MASK;
-        if ((m >> 16) == high_bin) {
-            if (m & 0xFFFF) in_bin[m & 0xFFFF]++;
-            else first++;
+/* Low-pass histograms of `nb` high bins (1 or 2, a constant once inlined) in one pass over the entries:
+ * in_bins[r * NUM_BINS + low] counts the entries of bin r by their low 16 bits, and above[r] those above bin r
+ * as radix._bin_histogram counts them (it compares bit patterns relative to the bin's start in int32, so with
+ * bin 0 the pattern 0x7FFFFFFF, a NaN, wraps around and counts as below). Few entries fall in a given bin
+ * (under 1% of a task vector), so a branch-free scan of SCAN entries, which vectorizes, counts those above each
+ * bin and those at a bin's start (low bits 0: every zero of a sparse vector for bin 0, which one by one would
+ * chain increments of one counter through memory), and tests for any other in a bin; only spans holding one
+ * are walked entry by entry: 0.95-1.4 -> 0.3 ns/entry. Equal bins each get the whole histogram. */
+#define SCAN 32
+static inline __attribute__((always_inline)) int bins_scan(const int32_t *bits, int64_t count, const int32_t *bins,
+                                                           int nb, int64_t *above, int64_t *starts, int64_t *wrapped) {
+    int any = 0, ones = 0;
+    for (int r = 0; r < nb; r++) {
+        const int32_t bin = bins[r], bin_start = bins[r] << 16;
+        int32_t over = 0, at_start = 0;
+        for (int64_t i = 0; i < count; i++) {
+            int32_t m = bits[i] & ABS_MASK;
+            over += (m >> 16) > bin;
+            at_start += m == bin_start;
+            any |= ((m >> 16) == bin) & (m != bin_start);
         }
+        above[r] += over;
+        starts[r] += at_start;
     }
-    in_bin[0] += first;
-    return above - (high_bin == 0 ? wrapped : 0);
+    for (int64_t i = 0; i < count; i++) ones += (bits[i] & ABS_MASK) == ABS_MASK;
+    *wrapped += ones;
+    return any;
+}
+
+static inline __attribute__((always_inline)) void bins_walk(const int32_t *bits, int64_t count, const int32_t *bins,
+                                                            int nb, int64_t *in_bins) {
+    for (int64_t i = 0; i < count; i++) {
+        int32_t m = bits[i] & ABS_MASK;
+        for (int r = 0; r < nb; r++)
+            if ((m >> 16) == bins[r] && (m & 0xFFFF)) in_bins[r * NUM_BINS + (m & 0xFFFF)]++;
+    }
+}
+
+static inline __attribute__((always_inline)) void bins_histogram(const int32_t *bits, int64_t n, const int32_t *bins,
+                                                                 int nb, int64_t *in_bins, int64_t *above) {
+    int64_t starts[2] = {0, 0}, wrapped = 0, start = 0;
+    for (int r = 0; r < nb; r++) above[r] = 0;
+    for (; start + SCAN <= n; start += SCAN)
+        if (bins_scan(bits + start, SCAN, bins, nb, above, starts, &wrapped))
+            bins_walk(bits + start, SCAN, bins, nb, in_bins);
+    if (bins_scan(bits + start, n - start, bins, nb, above, starts, &wrapped))
+        bins_walk(bits + start, n - start, bins, nb, in_bins);
+    for (int r = 0; r < nb; r++) {
+        in_bins[r * NUM_BINS] += starts[r];
+        above[r] -= bins[r] == 0 ? wrapped : 0;
+    }
+}
+
+/* Adds to `in_bin` (65536) the histogram of the low 16 bits of the entries whose upper 16 bits are high_bin
+ * and returns how many entries lie above that bin (see bins_histogram). */
+HOT int64_t bin_histogram(const int32_t *bits, int64_t n, int64_t high_bin, int64_t *in_bin) {
+    const int32_t bins[1] = {(int32_t)high_bin};
+    int64_t above[1];
+    bins_histogram(bits, n, bins, 1, in_bin, above);
+    return above[0];
 }
 
 /* bin_histogram for two bins in one pass over the entries (two order statistics of one tensor, such as
  * breadcrumbs' band edges): `in_bins` holds the two histograms one after the other, `above` receives the two
- * counts. Equal bins each get the whole histogram, as two calls would give them. */
+ * counts. */
 HOT void bin_histogram_pair(const int32_t *bits, int64_t n, int64_t bin_a, int64_t bin_b, int64_t *in_bins,
                             int64_t *above) {
-    int64_t above_a = 0, above_b = 0, wrapped = 0;
-    for (int64_t i = 0; i < n; i++) {
-        int32_t m = bits[i] & ABS_MASK;
-        above_a += (m >> 16) > bin_a;
-        above_b += (m >> 16) > bin_b;
-        wrapped += m == ABS_MASK;
-    }
-    int64_t *in_a = in_bins, *in_b = in_bins + NUM_BINS;
-    int64_t first_a = 0, first_b = 0; /* entries with low bits 0, in registers (see bin_histogram) */
-    for (int64_t i = 0; i < n; i++) {
-        int32_t m = bits[i] & ABS_MASK;
-        if ((m >> 16) == bin_a) {
-            if (m & 0xFFFF) in_a[m & 0xFFFF]++;
-            else first_a++;
-        }
-        if ((m >> 16) == bin_b) {
-            if (m & 0xFFFF) in_b[m & 0xFFFF]++;
-            else first_b++;
-        }
-    }
-    in_a[0] += first_a;
-    in_b[0] += first_b;
-    above[0] = above_a - (bin_a == 0 ? wrapped : 0);
-    above[1] = above_b - (bin_b == 0 ? wrapped : 0);
+    const int32_t bins[2] = {(int32_t)bin_a, (int32_t)bin_b};
+    bins_histogram(bits, n, bins, 2, in_bins, above);
 }
 
 HOT void keep_at_least(const float *x, int64_t n, float threshold, float *out) {
@@ -136,7 +153,6 @@ HOT void count_equal_magnitudes(const float *x, int64_t n, float first, float se
 /* Zero the entries with |x| == value numbered outside [low, high) among those, in flat order. Equal entries
  * are rare (a band edge's ties): a branch-free test, which vectorizes, finds the spans of SCAN entries that
  * hold any, and only those are walked one entry at a time (the count makes that walk serial). */
-#define SCAN 32
 HOT void drop_equal_outside(float *out, const float *x, int64_t n, float value, int64_t low, int64_t high) {
     int64_t seen = 0;
     for (int64_t start = 0; start < n; start += SCAN) {
