@@ -33,7 +33,7 @@ from distmerge.methods.registry import (
     get_method,
 )
 from distmerge.methods.rng import reusing_draws
-from distmerge.methods.stats import chunked_tensor_stats, sum_partials, with_prefix_stats
+from distmerge.methods.stats import chunked_tensor_stats, fold_partials, sum_partials, with_prefix_stats
 from distmerge.plan import Block, Plan, torch_dtype
 from distmerge.reader import TensorReader
 from distmerge.safetensors_format import ShardStream
@@ -214,11 +214,9 @@ class BlockMerger:
         """Partial statistics of one phase over one block (summed over its tensors, in plan order)."""
         phase = self.phases[phase_index]
         names = [n for n in block.tensors if not self.job.plan.tensors[n].alias_of]
-        partials = (
-            phase.map(piece.inputs, self.params, self._ctx(piece, stats))
-            for piece in self._iter_pieces(names, stats) if piece.inputs is not None
-        )
-        return sum_partials(partials)
+        items = ((piece.inputs, self._ctx(piece, stats))
+                 for piece in self._iter_pieces(names, stats) if piece.inputs is not None)
+        return fold_partials(phase, self.params, items)
 
     # -- merge ----------------------------------------------------------------------------------------
     def output_piece(self, piece: Piece, stats: dict[str, Any]) -> torch.Tensor:

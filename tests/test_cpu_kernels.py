@@ -59,11 +59,12 @@ def test_histograms_equal_bincount(torch_path, sparse):
         assert torch.equal(fused[0], reference[0]) and fused[1] == reference[1], high_bin
     bins = (0, 1, 0x3C23, 0x7FC0, 0x7FFF)
     for pair in [(a, b) for a in bins for b in bins]:  # equal bins included: each gets the whole histogram
-        into, above = torch.full((2, radix.NUM_BINS), 5, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+        # Both add to what they hold (a running sum over chunks).
+        into, above = torch.full((2, radix.NUM_BINS), 5, dtype=torch.int64), torch.full((2,), 7, dtype=torch.int64)
         cpu_kernels.add_bin_histogram_pair(tau, pair, into, above)
         for r, high_bin in enumerate(pair):
             reference = torch_path(radix._bin_histogram, tau, high_bin)
-            assert torch.equal(into[r], reference[0] + 5) and above[r] == reference[1], pair
+            assert torch.equal(into[r], reference[0] + 5) and above[r] == reference[1] + 7, pair
 
 
 def test_bf16_delta_equals_torch():

@@ -14,7 +14,13 @@ import torch
 
 from distmerge.methods import MergeInputs, TensorContext, exact, get_method, method_names, radix, select
 from distmerge.methods.sparsify import band_ranks, breadcrumbs_band, row_magnitude_ranks
-from distmerge.methods.stats import chunked_tensor_stats, with_prefix_stats, with_stats
+from distmerge.methods.stats import (
+    chunked_tensor_stats,
+    fold_partials,
+    sum_partials,
+    with_prefix_stats,
+    with_stats,
+)
 
 
 def tie_heavy(*shape, seed=0) -> torch.Tensor:
@@ -52,6 +58,16 @@ def test_order_statistic_phases_over_chunks_match_the_whole_tensor():
     totals = chunked_tensor_stats(phases, None, lambda: ((p, TensorContext("t")) for p in pieces))
     whole = radix.tensor_order_statistics(tau.abs(), [7, tau.numel() // 2, tau.numel() - 1])
     assert radix.order_statistics(totals, "t")[0] == whole
+    # Two ranks (the one-pass pair kernel): partials added in place (map_into) sum as the separate maps do.
+    high, low = radix.order_statistic_phases("p", lambda numel, params: [3, numel // 3])
+    stats: dict = {}
+    for phase in (high, low):
+        items = [(p, TensorContext("p", stats=dict(stats))) for p in pieces]
+        folded = fold_partials(phase, None, items)
+        summed = sum_partials(phase.map(p, None, ctx) for p, ctx in items)
+        assert folded.keys() == summed.keys() and all(torch.equal(folded[k], summed[k]) for k in folded)
+        stats.update(phase.finalize(folded, None))
+    assert radix.order_statistics(stats, "p")[0] == radix.tensor_order_statistics(tau.abs(), [3, tau.numel() // 3])
 
 
 def test_exact_abs_sum_ignores_order_and_cut():

@@ -83,7 +83,7 @@ def add_bin_histogram(tau: torch.Tensor, high_bin: int, into: torch.Tensor) -> i
 
 def add_bin_histogram_pair(tau: torch.Tensor, bins: tuple[int, int], into: torch.Tensor, above: torch.Tensor) -> None:
     """add_bin_histogram for two bins in one pass: into[r] (contiguous int64 [2, 65536]) += the histogram of bin
-    r; above[r] (contiguous int64 [2]) = how many entries lie above bin r."""
+    r; above[r] (contiguous int64 [2]) += how many entries lie above bin r."""
     _lib().bin_histogram_pair(_ptr(tau), tau.numel(), bins[0], bins[1], _ptr(into), _ptr(above))
 
 

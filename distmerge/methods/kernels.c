@@ -97,16 +97,15 @@ static inline __attribute__((always_inline)) void bins_walk(const int32_t *bits,
 
 static inline __attribute__((always_inline)) void bins_histogram(const int32_t *bits, int64_t n, const int32_t *bins,
                                                                  int nb, int64_t *in_bins, int64_t *above) {
-    int64_t starts[2] = {0, 0}, wrapped = 0, start = 0;
-    for (int r = 0; r < nb; r++) above[r] = 0;
+    int64_t over[2] = {0, 0}, starts[2] = {0, 0}, wrapped = 0, start = 0;
     for (; start + SCAN <= n; start += SCAN)
-        if (bins_scan(bits + start, SCAN, bins, nb, above, starts, &wrapped))
+        if (bins_scan(bits + start, SCAN, bins, nb, over, starts, &wrapped))
             bins_walk(bits + start, SCAN, bins, nb, in_bins);
-    if (bins_scan(bits + start, n - start, bins, nb, above, starts, &wrapped))
+    if (bins_scan(bits + start, n - start, bins, nb, over, starts, &wrapped))
         bins_walk(bits + start, n - start, bins, nb, in_bins);
     for (int r = 0; r < nb; r++) {
         in_bins[r * NUM_BINS] += starts[r];
-        above[r] -= bins[r] == 0 ? wrapped : 0;
+        above[r] = over[r] - (bins[r] == 0 ? wrapped : 0);
     }
 }
 
@@ -120,12 +119,15 @@ HOT int64_t bin_histogram(const int32_t *bits, int64_t n, int64_t high_bin, int6
 }
 
 /* bin_histogram for two bins in one pass over the entries (two order statistics of one tensor, such as
- * breadcrumbs' band edges): `in_bins` holds the two histograms one after the other, `above` receives the two
- * counts. */
+ * breadcrumbs' band edges): `in_bins` holds the two histograms one after the other; the two counts are added
+ * to `above`. */
 HOT void bin_histogram_pair(const int32_t *bits, int64_t n, int64_t bin_a, int64_t bin_b, int64_t *in_bins,
                             int64_t *above) {
     const int32_t bins[2] = {(int32_t)bin_a, (int32_t)bin_b};
-    bins_histogram(bits, n, bins, 2, in_bins, above);
+    int64_t counts[2];
+    bins_histogram(bits, n, bins, 2, in_bins, counts);
+    above[0] += counts[0];
+    above[1] += counts[1];
 }
 
 HOT void keep_at_least(const float *x, int64_t n, float threshold, float *out) {

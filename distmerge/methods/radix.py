@@ -88,8 +88,8 @@ def _bits_to_float(bits: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
-def _numel(inputs: MergeInputs) -> torch.Tensor:
-    return torch.tensor(inputs.base.numel(), dtype=torch.int64)
+def _numel(count: int) -> torch.Tensor:
+    return torch.tensor(count, dtype=torch.int64)
 
 
 def order_statistic_phases(key: str, ranks: Ranks,
@@ -97,29 +97,35 @@ def order_statistic_phases(key: str, ranks: Ranks,
     """The two phases; their result, per model and rank, is read with `order_statistics(stats, key)`."""
     high_key = f"{key}_high_bins"
 
-    # The maps fill one zeroed result tensor in place: a chunk's 65536-bin histograms cost as much memory
-    # traffic as its entries, so no per-model tensors to stack.
-    def map_high(inputs: MergeInputs, params: Any, ctx: TensorContext) -> PartialStats:
-        high = torch.zeros(len(inputs.deltas), NUM_BINS, dtype=torch.int64)
-        for tau, row in zip(inputs.deltas, high, strict=True):
+    # The maps add into one result tensor in place (`map_into`: the running sum over a block's or a tensor's
+    # chunks): a chunk's 65536-bin histograms cost as much memory traffic as its entries, so no per-model or
+    # per-chunk tensors to allocate, stack and sum.
+    def map_high(inputs: MergeInputs, params: Any, ctx: TensorContext, into: PartialStats | None = None) -> PartialStats:
+        if into is None:
+            into = {"high": torch.zeros(len(inputs.deltas), NUM_BINS, dtype=torch.int64), "numel": _numel(0)}
+        for tau, row in zip(inputs.deltas, into["high"], strict=True):
             _add_high_histogram(tau, row)
-        return {"high": high, "numel": _numel(inputs)}
+        into["numel"] += inputs.base.numel()
+        return into
 
     def finalize_high(summed: PartialStats, params: Any) -> dict[str, Any]:
         wanted = ranks(int(summed["numel"]), params)
         return {high_key: [[_locate(row, rank)[0] for rank in wanted] for row in summed["high"]]}
 
-    def map_low(inputs: MergeInputs, params: Any, ctx: TensorContext) -> PartialStats:
+    def map_low(inputs: MergeInputs, params: Any, ctx: TensorContext, into: PartialStats | None = None) -> PartialStats:
         bins = ctx.stats[high_key]
-        low = torch.zeros(len(inputs.deltas), len(bins[0]) if bins else 0, NUM_BINS, dtype=torch.int64)
-        above = torch.zeros(low.shape[:2], dtype=torch.int64)
+        if into is None:
+            low = torch.zeros(len(inputs.deltas), len(bins[0]) if bins else 0, NUM_BINS, dtype=torch.int64)
+            into = {"low": low, "above": torch.zeros(low.shape[:2], dtype=torch.int64), "numel": _numel(0)}
+        low, above = into["low"], into["above"]
         for m, (tau, model_bins) in enumerate(zip(inputs.deltas, bins, strict=True)):
             if len(model_bins) == 2 and cpu_kernels.enabled(tau):  # two bins, one pass over tau
                 cpu_kernels.add_bin_histogram_pair(tau, model_bins, low[m], above[m])
                 continue
             for r, high_bin in enumerate(model_bins):
-                above[m, r] = _add_bin_histogram(tau, high_bin, low[m, r])
-        return {"low": low, "above": above, "numel": _numel(inputs)}
+                above[m, r] += _add_bin_histogram(tau, high_bin, low[m, r])
+        into["numel"] += inputs.base.numel()
+        return into
 
     def finalize_low(summed: PartialStats, params: Any) -> dict[str, Any]:
         # The high bins live in the first phase's result; `order_statistics` joins the two.
@@ -133,8 +139,8 @@ def order_statistic_phases(key: str, ranks: Ranks,
             out.append(row)
         return {f"{key}_low_bins": out}
 
-    return (StatsPhase(f"{key}_high_bits", map_high, finalize_high, active),
-            StatsPhase(f"{key}_low_bits", map_low, finalize_low, active))
+    return (StatsPhase(f"{key}_high_bits", map_high, finalize_high, active, map_into=map_high),
+            StatsPhase(f"{key}_low_bits", map_low, finalize_low, active, map_into=map_low))
 
 
 def has_order_statistics(stats: Mapping[str, Any], key: str) -> bool:

@@ -56,6 +56,7 @@ class TensorContext:
 
 PartialStats = dict[str, torch.Tensor]
 MapFn = Callable[[MergeInputs, Any, TensorContext], PartialStats]
+MapIntoFn = Callable[[MergeInputs, Any, TensorContext, PartialStats | None], PartialStats]
 FinalizeFn = Callable[[PartialStats, Any], dict[str, Any]]
 MergeFn = Callable[[MergeInputs, Any, TensorContext], torch.Tensor]
 
@@ -80,6 +81,11 @@ class StatsPhase:
     # break ties by flat position; its map sees the other phases' totals. The first chunk and a whole tensor
     # have nothing before them: the method treats a missing value as zero.
     prefix: bool = False
+    # Optional, for partials as large as their tensor (65536-bin histograms of a row chunk): adds this tensor's
+    # partials into `into` (a partial this phase returned before, owned by the caller) and returns it; None
+    # allocates a new one. Summing many partials then costs no per-tensor allocation and no extra pass over
+    # them. `map` must return what `map_into(..., None)` returns.
+    map_into: MapIntoFn | None = None
 
 
 @dataclass(frozen=True)

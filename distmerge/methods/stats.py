@@ -1,7 +1,8 @@
 """Drivers for statistics phases: map, sum, finalize, phase after phase.
 
 `run_stats_phases` is the reference for whole-checkpoint phases (distributed executors do the same with the
-map spread over workers; `sum_partials` is the reduction they share). `chunked_tensor_stats` and
+map spread over workers; `sum_partials` is the reduction they share, `fold_partials` the map and sum of one
+worker's tensors). `chunked_tensor_stats` and
 `with_prefix_stats` run a method's tensor phases over the row chunks of one large tensor, in order: executors
 call them around merging the chunks.
 """
@@ -47,9 +48,20 @@ def run_stats_phases(
     """
     stats: dict[str, Any] = {}
     for phase in method.phases_for(params):
-        summed = sum_partials(phase.map(inputs, params, with_stats(ctx, stats)) for inputs, ctx in tensors())
+        summed = fold_partials(phase, params, ((inputs, with_stats(ctx, stats)) for inputs, ctx in tensors()))
         stats.update(phase.finalize(summed, params))
     return stats
+
+
+def fold_partials(phase: StatsPhase, params: Any, items: Iterable[tuple[MergeInputs, TensorContext]]) -> PartialStats:
+    """The sum of `phase`'s partials over `items` (on CPU): with `map_into`, each is added into one running
+    partial; otherwise `sum_partials` of the maps. Integer partials give the same sum either way."""
+    if phase.map_into is None:
+        return sum_partials(phase.map(inputs, params, ctx) for inputs, ctx in items)
+    total: PartialStats | None = None
+    for inputs, ctx in items:
+        total = phase.map_into(inputs, params, ctx, total)
+    return {key: value.detach().cpu() for key, value in (total or {}).items()}
 
 
 def chunked_tensor_stats(
@@ -64,8 +76,8 @@ def chunked_tensor_stats(
     totals: dict[str, Any] = {}
     for phase in phases:
         if not phase.prefix:
-            partials = (phase.map(inputs, params, with_stats(ctx, totals)) for inputs, ctx in pieces())
-            totals.update(phase.finalize(sum_partials(partials), params))
+            items = ((inputs, with_stats(ctx, totals)) for inputs, ctx in pieces())
+            totals.update(phase.finalize(fold_partials(phase, params, items), params))
     return totals
 
 
