@@ -132,6 +132,15 @@ def test_combine(torch_path, weights, consensus, scale):
     taus[0][:100] = -taus[-1][:100]  # sign votes that cancel exactly
     fused = cpu_kernels.combine(taus, weights, consensus == "ties", scale)
     assert same_bits(fused, torch_path(lambda: combine(consensus, taus, weights) * scale))
+    # TIES's trim fused in (thresholds at a repeated value, at 0: every number kept, NaN dropped, and inf).
+    thresholds = [float(taus[0].abs()[7]), 0.0, float("inf")][:len(taus)]
+
+    def trim_then_combine():
+        kept = [sparsify.keep_above(t, h) for t, h in zip(taus, thresholds, strict=True)]
+        return combine(consensus, kept, weights) * scale
+
+    trimmed = cpu_kernels.combine(taus, weights, consensus == "ties", scale, thresholds)
+    assert same_bits(trimmed, torch_path(trim_then_combine))
 
 
 @pytest.mark.parametrize("method", method_names())

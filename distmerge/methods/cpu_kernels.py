@@ -155,11 +155,14 @@ def abs_sums_by_exponent(tau: torch.Tensor, uniform: torch.Tensor | None, densit
     return sums
 
 
-def combine(taus: Sequence[torch.Tensor], weights: Sequence[float], ties: bool, scale: float) -> torch.Tensor:
-    """consensus.combine(...) * scale."""
+def combine(taus: Sequence[torch.Tensor], weights: Sequence[float], ties: bool, scale: float,
+            thresholds: Sequence[float] | None = None) -> torch.Tensor:
+    """consensus.combine(...) * scale; with `thresholds`, of [keep_at_least(tau_i, thresholds[i])] (one pass)."""
     out = torch.empty_like(taus[0])
     pointers, models, w, unit = _model_args(taus, weights)
-    _lib().combine(pointers, models, _ptr(w), _ptr(unit), int(ties), scale, out.numel(), _ptr(out))
+    trim = None if thresholds is None else np.asarray(thresholds, np.float32)
+    _lib().combine(pointers, models, _ptr(w), _ptr(unit), None if trim is None else _ptr(trim), int(ties), scale,
+                   out.numel(), _ptr(out))
     return out
 
 

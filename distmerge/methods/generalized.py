@@ -41,13 +41,21 @@ from distmerge.methods.registry import (
 from distmerge.methods.rng import uniform_like
 
 Sparsifier = Callable[[torch.Tensor, Any, TensorContext, int], torch.Tensor]
+# A sparsifier that keeps |tau| >= a threshold may also give the threshold (None: it must run itself).
+Threshold = Callable[[torch.Tensor, Any, TensorContext, int], float | None]
 
 
 def generalized_task_arithmetic(
-    inputs: MergeInputs, params: Any, ctx: TensorContext, sparsifier: Sparsifier | None, consensus: Consensus
+    inputs: MergeInputs, params: Any, ctx: TensorContext, sparsifier: Sparsifier | None, consensus: Consensus,
+    threshold: Threshold | None = None,
 ) -> torch.Tensor:
     """lambda * consensus of the sparsified task vectors (a new fp32 tensor, inputs untouched)."""
     taus = inputs.deltas
+    if threshold is not None and cpu_kernels.enabled(*taus):
+        # The trim fused into the combine: the same bits, without writing the trimmed vectors.
+        thresholds = [threshold(tau, params, ctx, index) for index, tau in enumerate(taus)]
+        if all(t is not None for t in thresholds):
+            return cpu_kernels.combine(taus, inputs.weights, consensus == "ties", params.scale, thresholds)
     if sparsifier is not None:
         taus = [sparsifier(tau, params, ctx, index) for index, tau in enumerate(taus)]
     if cpu_kernels.enabled(*taus):
@@ -151,6 +159,13 @@ def _ties_trim(tau: torch.Tensor, params: TiesParams, ctx: TensorContext, index:
     return sparsify.magnitude_topk(tau, params.density, ties_global.tensor_threshold(ctx.stats, index))
 
 
+def _ties_threshold(tau: torch.Tensor, params: TiesParams, ctx: TensorContext, index: int) -> float | None:
+    """The |tau| _ties_trim keeps at or above; None when it keeps every entry (NaN included)."""
+    if params.trim_scope == "global":
+        return ties_global.thresholds(ctx.stats)[index]
+    return sparsify.magnitude_topk_threshold(tau, params.density, ties_global.tensor_threshold(ctx.stats, index))
+
+
 def _uniform(tau: torch.Tensor, ctx: TensorContext, index: int) -> torch.Tensor:
     return uniform_like(tau, ctx.seed, ctx.name, index, offset=ctx.offset)
 
@@ -233,9 +248,10 @@ def _register_variant(
     stats_phases: tuple[StatsPhase, ...] = (),
     chunking: str = "elements",
     tensor_phases=lambda params: (),
+    threshold: Threshold | None = None,
 ) -> None:
     def merge(inputs: MergeInputs, params: Any, ctx: TensorContext) -> torch.Tensor:
-        return generalized_task_arithmetic(inputs, params, ctx, sparsifier, consensus)
+        return generalized_task_arithmetic(inputs, params, ctx, sparsifier, consensus, threshold)
 
     name = params_model.method_name
     register(MergeMethod(name, params_model, merge, stats_phases=stats_phases, doc=doc,
@@ -254,6 +270,7 @@ _register_variant(
     "TIES (arXiv 2306.01708): top-k trim by |tau|, sign election, disjoint weighted mean, times lambda.",
     stats_phases=ties_global.GLOBAL_TRIM_PHASES,
     tensor_phases=lambda params: ties_global.TENSOR_TRIM_PHASES if params.trim_scope == "tensor" else (),
+    threshold=_ties_threshold,
 )
 _register_variant(
     DareLinearParams, _dare, "sum", "DARE (arXiv 2311.03099) random drop and rescale, weighted sum.",

@@ -234,23 +234,32 @@ void abs_sum_by_exponent(const float *x, const float *uniform, int64_t n, float 
         sums[slot] += (partial[0][slot] + partial[1][slot]) + (partial[2][slot] + partial[3][slot]);
 }
 
+/* keep_at_least's value of one entry: itself where |v| >= threshold, else +0.0 (NaN is dropped). */
+static inline float trim_entry(float v, int trim, float threshold) {
+    return trim && !(fabs_bits(v) >= threshold) ? 0.0f : v;
+}
+
 /* consensus.combine(...) * scale: weighted sum ('sum') or TIES sign election + disjoint mean ('ties').
  * The first model is always multiplied by its weight (as weighted_sum does); later ones only when their
- * weight is not 1 (unit[m] == 0). */
+ * weight is not 1 (unit[m] == 0). With `thresholds` (NULL: none), each tau is first trimmed as keep_at_least
+ * does, entry by entry as it is read: the bits of combining keep_at_least's tensors, without writing and
+ * reading them back (TIES's trim). */
 HOT void combine(const float *const *taus, int64_t models, const float *weights, const uint8_t *unit,
-                 int ties, float scale, int64_t n, float *out) {
+                 const float *thresholds, int ties, float scale, int64_t n, float *out) {
+    const int trim = thresholds != NULL;
     float total[TILE], denominator[TILE];
     float min_weight = weights[0];
     for (int64_t m = 1; m < models; m++) min_weight = weights[m] < min_weight ? weights[m] : min_weight;
     for (int64_t start = 0; start < n; start += TILE) {
         int64_t len = n - start < TILE ? n - start : TILE;
         const float *first = taus[0] + start;
-        for (int64_t i = 0; i < len; i++) total[i] = first[i] * weights[0];
+        const float th0 = trim ? thresholds[0] : 0.0f;
+        for (int64_t i = 0; i < len; i++) total[i] = trim_entry(first[i], trim, th0) * weights[0];
         for (int64_t m = 1; m < models; m++) {
             const float *t = taus[m] + start;
-            float w = weights[m];
-            if (unit[m]) for (int64_t i = 0; i < len; i++) total[i] += t[i];
-            else for (int64_t i = 0; i < len; i++) total[i] += t[i] * w;
+            float w = weights[m], th = trim ? thresholds[m] : 0.0f;
+            if (unit[m]) for (int64_t i = 0; i < len; i++) total[i] += trim_entry(t[i], trim, th);
+            else for (int64_t i = 0; i < len; i++) total[i] += trim_entry(t[i], trim, th) * w;
         }
         float *o = out + start;
         if (!ties) {
@@ -261,11 +270,12 @@ HOT void combine(const float *const *taus, int64_t models, const float *weights,
             total[i] = (0.0f < total[i] ? 1.0f : 0.0f) - (total[i] < 0.0f ? 1.0f : 0.0f);
         for (int64_t m = 0; m < models; m++) {
             const float *t = taus[m] + start;
-            float w = weights[m], count = unit[m] ? 1.0f : w;
+            float w = weights[m], count = unit[m] ? 1.0f : w, th = trim ? thresholds[m] : 0.0f;
             int u = unit[m];
             for (int64_t i = 0; i < len; i++) {
-                int agree = t[i] * total[i] > 0.0f;
-                float part = agree ? (u ? t[i] : t[i] * w) : 0.0f;
+                float v = trim_entry(t[i], trim, th);
+                int agree = v * total[i] > 0.0f;
+                float part = agree ? (u ? v : v * w) : 0.0f;
                 float counted = agree ? count : 0.0f;
                 o[i] = m == 0 ? part : o[i] + part;
                 denominator[i] = m == 0 ? counted : denominator[i] + counted;

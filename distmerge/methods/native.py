@@ -43,7 +43,7 @@ _SIGNATURES = {
     "uniform_in_place": [_P, _P, _I64, _I64],
     "dare": [_P, _P, _I64, _F32, _F32, ctypes.c_int, _P],
     "abs_sum_by_exponent": [_P, _P, _I64, _F32, ctypes.c_int, _P],
-    "combine": [_P, _I64, _P, _P, ctypes.c_int, _F32, _I64, _P],
+    "combine": [_P, _I64, _P, _P, _P, ctypes.c_int, _F32, _I64, _P],
     "ram_overlap_counts": [_P, _I64, _P, _P, _F32, _I64, _P, _P],
     "ram_combine": [_P, _I64, _P, _P, _F32, _P, _I64, _P],
     "della_rows": [_P, _P, _P, _I64, _I64, _P],

@@ -45,12 +45,18 @@ def magnitude_topk(tau: torch.Tensor, density: float, threshold: float | None = 
 
     `threshold`: the k-th largest |tau| when the caller computed it over the whole tensor (chunked merges).
     """
-    k = keep_count(density, tau.numel())
+    threshold = magnitude_topk_threshold(tau, density, threshold)
+    return tau.clone() if threshold is None else keep_above(tau, threshold)
+
+
+def magnitude_topk_threshold(tau: torch.Tensor, density: float, threshold: float | None = None) -> float | None:
+    """The |tau| at or above which magnitude_topk keeps entries; None when it keeps them all."""
     if threshold is not None:
-        return keep_above(tau, threshold)
+        return threshold
+    k = keep_count(density, tau.numel())
     if k == tau.numel():
-        return tau.clone()
-    return keep_above(tau, tensor_order_statistics(tau, [k - 1])[0].value)
+        return None
+    return tensor_order_statistics(tau, [k - 1])[0].value
 
 
 def dare_keep(tau: torch.Tensor, density: float, uniform: torch.Tensor) -> torch.Tensor:
