@@ -97,12 +97,17 @@ def test_breadcrumbs_band(torch_path, density, gamma):
         assert cpu_kernels.count_equal_magnitudes(tau, values).tolist() == expected
 
 
-@pytest.mark.parametrize("low,high", [(0, 3), (5, 40), (-2, 200), (50, 10), (0, 10**6)])
-def test_drop_equal_outside_numbers_ties_across_skipped_spans(low, high):
-    # Ties scattered far apart (most spans hold none and are skipped), in a run, and at both ends.
-    x = (torch.randn(10_001, generator=torch.Generator().manual_seed(4)) * 0.01).bfloat16().float()
+@pytest.mark.parametrize("low,high", [(0, 3), (5, 40), (-2, 200), (50, 10), (0, 10**6), (31, 33), (200, 470)])
+@pytest.mark.parametrize("dense", [False, True])
+def test_drop_equal_outside_numbers_ties_across_skipped_spans(low, high, dense):
+    # Ties scattered far apart (most spans hold none and are skipped), in a run, and at both ends; or 5% of
+    # the entries (most spans hold some: all kept, all dropped, or across low or high).
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(10_001, generator=gen) * 0.01).bfloat16().float()
     x[(x.abs() == 0.5)] = 0.25
     where = [0, 1, 2, 97, 500, 501, 502, 503, 2048, 4095, 4096, *range(7000, 7040), 10_000]
+    if dense:
+        where = sorted({*where, *torch.randperm(10_001, generator=gen)[:500].tolist()})
     x[where] = torch.tensor([0.5 if i % 3 else -0.5 for i in range(len(where))])
     out = x.clone()
     cpu_kernels.drop_equal_outside(out, x, 0.5, low, high)
