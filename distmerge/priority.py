@@ -50,10 +50,13 @@ def set_process_priority(nice: int) -> bool:
     if not _supported():
         return False
     try:
-        for tid in os.listdir("/proc/self/task"):
-            if os.getpriority(os.PRIO_PROCESS, int(tid)) != nice:
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        for tid in map(int, os.listdir("/proc/self/task")):
+            try:
+                if os.getpriority(os.PRIO_PROCESS, tid) != nice:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except ProcessLookupError:
+                continue  # the thread exited meanwhile
         return True
-    except (OSError, ValueError) as exc:  # a thread that exited meanwhile, or no permission
+    except OSError as exc:  # no permission to raise a priority
         log.debug("actor stays at its inherited priority (%s)", exc)
         return False
