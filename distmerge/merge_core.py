@@ -256,7 +256,8 @@ class BlockMerger:
                 if any(plan[a].alias_of == name for a in block.tensors):
                     pending_alias[name] = tensor
             size, digest = shard.finish()
-        return ShardRecord(block.file, size, digest, block.tensors, block.nbytes)
+        # The object's store tag once its upload has completed (on close), for the commit's check.
+        return ShardRecord(block.file, size, digest, block.tensors, block.nbytes, staging.child(block.file).version())
 
     def close(self) -> None:
         for reader in self.readers.values():

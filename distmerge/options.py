@@ -25,8 +25,9 @@ class RunOptions(BaseModel):
     resume: bool = Field(False, description="Reuse staged shards of an interrupted merge whose checksums verify.")
     overwrite: bool = Field(False, description="Replace a committed checkpoint at the output URL.")
     verify: Literal["checksum", "size"] = Field(
-        "checksum", description="How staged shards are checked before commit and on resume: size and checksum "
-        "(xxh3-128, read back in full), or size only.")
+        "checksum", description="How staged shards are checked before commit and on resume: size and content "
+        "(the xxh3-128 checksum, read back in full; on object stores the ETag/generation the object had when its "
+        "worker wrote it, one metadata request), or size only.")
     progress: bool = Field(True, description="Show a progress bar on the driver.")
     in_flight_per_worker: int = Field(1, ge=0, description="Blocks queued on each worker beyond one per thread, "
                                       "while more than a round of blocks is left (none for the last round, so "

@@ -116,6 +116,15 @@ class Location:
         with translate_errors(self.url, "stat"):
             return int(self.fs.size(self.path))
 
+    def version(self) -> str | None:
+        """The store's tag of the object as it is now (S3 ETag, GCS generation), fetched afresh with one
+        metadata request; None where the filesystem keeps none (local files, memory://)."""
+        if self.local_path is not None:
+            return None
+        with translate_errors(self.url, "stat"):
+            self.fs.invalidate_cache(self.path)
+            return object_version(self.fs.info(self.path))
+
     def list(self) -> dict[str, dict[str, Any]]:
         """Direct children of this prefix: {name: {"size": int, "type": "file"|"directory", ...}}.
 
@@ -229,6 +238,12 @@ class Location:
         with translate_errors(self.url, "remove"):
             if self.fs.exists(self.path):
                 self.fs.rm(self.path, recursive=recursive)
+
+
+def object_version(info: Mapping[str, Any]) -> str | None:
+    """An object store's version tag in a listing or info entry (ETag, or GCS's generation), unquoted."""
+    tag = info.get("ETag") or info.get("etag") or info.get("generation")
+    return str(tag).strip('"') if tag else None
 
 
 def location(url: str | Location, options: Mapping[str, Any] | None = None) -> Location:

@@ -90,14 +90,18 @@ def test_hung_worker_is_replaced_after_block_timeout(local_ray, tiny_family, ref
     assert got == references["ram"]
 
 
-def test_s3_inputs_and_output_on_ray_same_bytes(pool, tiny_family, references, s3_bucket):
+def test_s3_inputs_and_output_on_ray_same_bytes(pool, tiny_family, references, s3_bucket, monkeypatch):
     from distmerge.storage import Location
     from tests.conftest import upload
 
     url, options = s3_bucket
     remote = {name: upload(path, f"{url}/in/{name}", options) for name, path in tiny_family.items()}
     recipe = recipe_for(remote, "ties", f"{url}/out/ties").model_copy(update={"storage_options": options})
+    read = []  # what this driver reads: headers of the inputs, never a staged shard (the actors wrote them)
+    fetch = Location._fetch
+    monkeypatch.setattr(Location, "_fetch", lambda self, ranges: read.append(self.url) or fetch(self, ranges))
     run_merge(recipe, RunOptions(workers=2, block_size=BLOCK, progress=False, cpus_per_worker=0.25), pool=pool)
+    assert read and not [u for u in read if "distmerge-staging" in u and u.endswith(".safetensors")], read
     out = Location(f"{url}/out/ties", options)
     got = {n: out.child(n).read_bytes() for n in sorted(out.list()) if n.endswith(".safetensors")}
     assert got == references["ties"]

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from distmerge.checkpoint import CheckpointIndex
+from distmerge.storage import object_version
 
 
 def _version_tag(info: Mapping[str, Any]) -> str:
-    tag = info.get("ETag") or info.get("etag") or info.get("generation") or info.get("mtime")
+    tag = object_version(info) or info.get("mtime")
     if hasattr(tag, "isoformat"):
         tag = tag.isoformat()
-    return str(tag or "").strip('"')
+    return str(tag or "")
 
 
 def headers_sha256(index: CheckpointIndex) -> str:
