@@ -95,13 +95,12 @@ class LocalRay:
         self.background = background
         self._up = threading.Event()
         self._release = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(options, background), name="distmerge-ray",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(options,), name="distmerge-ray", daemon=True)
         self._thread.start()
 
-    def _run(self, options: RunOptions, background: bool) -> None:
+    def _run(self, options: RunOptions) -> None:
         try:
-            if background:
+            if self.background:
                 lower_this_thread()
             with _off_main_thread_quietly():
                 init_local_ray(options)

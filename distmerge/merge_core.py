@@ -237,7 +237,8 @@ class BlockMerger:
         specs = [(n, torch_dtype(plan[n].out_dtype), plan[n].shape) for n in block.tensors]
         sources = [n for n in block.tensors if not plan[n].alias_of]
         pending_alias: dict[str, torch.Tensor] = {}
-        with staging.child(block.file).open_write() as fh:
+        target = staging.child(block.file)
+        with target.open_write() as fh:
             shard = ShardStream(fh, specs)
             pieces = self._iter_pieces(sources, stats)
             for position, name in enumerate(block.tensors):
@@ -257,7 +258,7 @@ class BlockMerger:
                     pending_alias[name] = tensor
             size, digest = shard.finish()
         # The object's store tag once its upload has completed (on close), for the commit's check.
-        return ShardRecord(block.file, size, digest, block.tensors, block.nbytes, staging.child(block.file).version())
+        return ShardRecord(block.file, size, digest, block.tensors, block.nbytes, target.version())
 
     def close(self) -> None:
         for reader in self.readers.values():

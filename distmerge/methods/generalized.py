@@ -153,17 +153,17 @@ class DellaLinearParams(DellaParams):
 # --- sparsifiers ----------------------------------------------------------------------------------------
 
 
-def _ties_trim(tau: torch.Tensor, params: TiesParams, ctx: TensorContext, index: int) -> torch.Tensor:
-    if params.trim_scope == "global":
-        return sparsify.keep_above(tau, ties_global.thresholds(ctx.stats)[index])
-    return sparsify.magnitude_topk(tau, params.density, ties_global.tensor_threshold(ctx.stats, index))
-
-
 def _ties_threshold(tau: torch.Tensor, params: TiesParams, ctx: TensorContext, index: int) -> float | None:
-    """The |tau| _ties_trim keeps at or above; None when it keeps every entry (NaN included)."""
+    """The |tau| TIES keeps at or above; None when it keeps every entry (NaN included)."""
     if params.trim_scope == "global":
         return ties_global.thresholds(ctx.stats)[index]
     return sparsify.magnitude_topk_threshold(tau, params.density, ties_global.tensor_threshold(ctx.stats, index))
+
+
+def _ties_trim(tau: torch.Tensor, params: TiesParams, ctx: TensorContext, index: int) -> torch.Tensor:
+    # From the same threshold as the trim fused into the combine kernel, so both paths keep the same entries.
+    threshold = _ties_threshold(tau, params, ctx, index)
+    return tau.clone() if threshold is None else sparsify.keep_above(tau, threshold)
 
 
 def _uniform(tau: torch.Tensor, ctx: TensorContext, index: int) -> torch.Tensor:
