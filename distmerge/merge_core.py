@@ -186,8 +186,12 @@ class BlockMerger:
         return {role: self.readers[role] for role in roles}
 
     def _inputs(self, raw: dict[str, torch.Tensor]) -> tuple[MergeInputs, torch.Tensor]:
-        theta0 = self._fp32(raw.pop("base"))
-        deltas = [self._delta(raw.pop(role), theta0) for role in self._model_roles]
+        base, models = raw.pop("base"), [raw.pop(role) for role in self._model_roles]
+        if self.device.type == "cpu" and cpu_kernels.takes_bf16_deltas(base, models):
+            theta0, deltas = cpu_kernels.bf16_deltas(base, models)  # one pass over all the bf16 inputs
+        else:
+            theta0 = self._fp32(base)
+            deltas = [self._delta(model, theta0) for model in models]
         target = theta0 if self._same_target else self._fp32(raw.pop("target"))
         return MergeInputs(theta0, deltas, self._weights), target
 
@@ -228,8 +232,12 @@ class BlockMerger:
         if schedule is not None:
             alpha = resolved_alpha(schedule, stats)
             delta = delta * lines_scale(tp.layer, self.job.plan.num_layers, alpha, schedule.beta, schedule.non_block)
+        dtype = torch_dtype(tp.out_dtype)
+        if (not self.job.write_delta and dtype == torch.bfloat16 and delta.shape == piece.target.shape
+                and cpu_kernels.enabled(delta, piece.target)):
+            return cpu_kernels.add_to_bf16(delta, piece.target)  # the add and the rounding in one pass
         out = delta if self.job.write_delta else delta.add_(piece.target)  # methods return a new tensor
-        return out.to(torch_dtype(tp.out_dtype)).cpu()
+        return out.to(dtype).cpu()
 
     def write_block(self, block: Block, staging: Location, stats: dict[str, Any]) -> ShardRecord:
         """Compute every tensor of the block and stream them into its shard under `staging`."""

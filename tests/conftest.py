@@ -145,6 +145,20 @@ def tiny_family(tmp_path_factory) -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="session")
+def bf16_family(tmp_path_factory) -> dict[str, str]:
+    """Like tiny_family, in bf16: task vectors are differences of bf16 values, so many magnitudes repeat and
+    the tie rules at every threshold and band bound are exercised."""
+    root = tmp_path_factory.mktemp("bf16-family")
+    base = build_tiny_model(root / "base", "qwen2", num_hidden_layers=2, dtype=torch.bfloat16, shard="60KB")
+    return {
+        "base": base,
+        "sft-a": make_finetune(base, str(root / "sft-a"), 1),
+        "sft-b": make_finetune(base, str(root / "sft-b"), 2),
+        "rl-c": make_finetune(base, str(root / "rl-c"), 3, scale=0.01, density=0.05),
+    }
+
+
 TESTBED_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "testbed-tests")
 
 

@@ -15,7 +15,6 @@ from distmerge.merge import run_merge
 from distmerge.methods import get_method, method_names, rng
 from distmerge.options import RunOptions
 from distmerge.recipe import parse_recipe
-from tests.conftest import build_tiny_model, make_finetune
 
 # Every method with its default params, plus the variants that take another path through the executor.
 CASES = [(name, {}) for name in method_names()] + [
@@ -45,20 +44,6 @@ def chunkable(name: str, params: dict) -> bool:
     return method.chunking(method.parse_params(params)) != "none"
 
 
-@pytest.fixture(scope="module")
-def bf16_family(tmp_path_factory) -> dict[str, str]:
-    """Like tiny_family, in bf16: task vectors are differences of bf16 values, so many magnitudes repeat and
-    the tie rules at every threshold and band bound are exercised."""
-    root = tmp_path_factory.mktemp("bf16-family")
-    base = build_tiny_model(root / "base", "qwen2", num_hidden_layers=2, dtype=torch.bfloat16, shard="60KB")
-    return {
-        "base": base,
-        "sft-a": make_finetune(base, str(root / "sft-a"), 1),
-        "sft-b": make_finetune(base, str(root / "sft-b"), 2),
-        "rl-c": make_finetune(base, str(root / "rl-c"), 3, scale=0.01, density=0.05),
-    }
-
-
 def test_every_method_but_model_stock_chunks():
     # Model Stock's float cosines have no exact additive form: it merges whole tensors.
     assert {name for name, params in CASES if not chunkable(name, params)} == {"model_stock"}
@@ -68,7 +53,6 @@ def test_every_method_but_model_stock_chunks():
 @pytest.mark.parametrize("family_name", ["tiny_family", "bf16_family"])
 def test_row_chunks_give_identical_bytes(case, family_name, request, tmp_path, monkeypatch):
     family = request.getfixturevalue(family_name)
-    monkeypatch.setattr(rng, "SEGMENT", 1000)  # several RNG segments per tensor, cut across chunk edges
     whole = run(family, *case, tmp_path / "whole")
     monkeypatch.setattr(merge_core, "CHUNK_ELEMENTS", 700)  # every 2-D tensor of the tiny model is chunked
     assert run(family, *case, tmp_path / "chunked") == whole
@@ -93,8 +77,7 @@ def test_chunking_is_really_exercised(bf16_family, tmp_path, monkeypatch):
     assert calls
 
 
-def test_uniform_numbers_depend_only_on_position(monkeypatch):
-    monkeypatch.setattr(rng, "SEGMENT", 64)
+def test_uniform_numbers_depend_only_on_position():
     tensor = torch.empty(10, 37)
     whole = rng.uniform_like(tensor, 1, "w", 0)
     pieces = [rng.uniform_like(torch.empty(rows, 37), 1, "w", 0, offset=start * 37)
@@ -122,11 +105,12 @@ def test_draws_are_reused_only_inside_the_scope():
 
 
 def test_l1_statistics_pass_reuses_the_merge_draws(bf16_family, tmp_path, monkeypatch):
-    """DARE's L1 pass over a chunked tensor whose inputs are held draws no number twice: it costs as many
-    draws as DARE without a statistics pass."""
+    """On the torch path, DARE's L1 pass over a chunked tensor whose inputs are held draws no number twice: it
+    costs as many draws as DARE without a statistics pass. (The kernels draw numbers inside their loops.)"""
     calls = []
-    real = rng.segment_uniform
-    monkeypatch.setattr(rng, "segment_uniform", lambda *a: calls.append(a) or real(*a))
+    real = rng.stream_numbers
+    monkeypatch.setattr(rng, "stream_numbers", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setenv("DISTMERGE_KERNELS", "torch")
     monkeypatch.setattr(merge_core, "CHUNK_ELEMENTS", 700)
     run(bf16_family, "dare_ties", {"rescale": "inverse_p"}, tmp_path / "one-pass")
     one_pass, calls[:] = list(calls), []

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distmerge.methods import cpu_kernels, exact, method_names, radix, sparsify
+from distmerge import merge_core
+from distmerge.methods import cpu_kernels, exact, method_names, radix, rng, sparsify
 from distmerge.methods.consensus import combine
+from tests.test_chunking import run
 from tests.test_ray_merge import merge
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.warm_up(), reason="no C compiler to build the CPU kernels")
@@ -45,6 +47,26 @@ def torch_path(monkeypatch):
             assert not cpu_kernels.enabled(torch.zeros(1))
             return fn(*args, **kwargs)
     return run
+
+
+def test_bf16_deltas_equal_torch():
+    base = adversarial(4, n=5003).bfloat16()  # not a multiple of the tile: the tail too
+    models = [adversarial(5 + m, n=5003).bfloat16() for m in range(3)]
+    assert cpu_kernels.takes_bf16_deltas(base, models)
+    theta0, taus = cpu_kernels.bf16_deltas(base, models)
+    assert same_bits(theta0, base.float())
+    for model, tau in zip(models, taus, strict=True):
+        assert same_bits(tau, model.float() - base.float())
+
+
+def test_add_to_bf16_rounds_as_torch():
+    """Ties to even, overflow to infinity, subnormals, -0.0, NaN: the bits of torch's add and conversion."""
+    delta, target = adversarial(1), adversarial(2)
+    halfway = torch.tensor([1.00390625, 1.01171875, -1.00390625, 3.3961e38, 1e-40, -0.0, 0.0])
+    delta[:7], target[:7] = halfway, torch.zeros(7)
+    fused = cpu_kernels.add_to_bf16(delta, target)
+    assert torch.equal(fused.view(torch.int16), (delta + target).to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(delta[:7], halfway)  # inputs untouched
 
 
 @pytest.mark.parametrize("sparse", [False, True])  # mostly zeros (an RL vector) takes the kernels' other loops
@@ -118,15 +140,37 @@ def test_drop_equal_outside_numbers_ties_across_skipped_spans(low, high, dense):
     assert same_bits(out, expected)
 
 
-@pytest.mark.parametrize("rescale,density", [("inverse_p", 0.3), ("inverse_p", 0.5), ("l1", 0.3), ("l1", 0.9)])
-def test_dare(torch_path, rescale, density):
-    tau = adversarial(3, nan=False)
-    uniform = torch.rand(tau.shape, generator=torch.Generator().manual_seed(9))
-    uniform[:10] = torch.tensor(density, dtype=torch.float32)  # exactly at the threshold (float32 of it)
-    fused = sparsify.dare_drop(tau, density, rescale, uniform)
-    assert same_bits(fused, torch_path(sparsify.dare_drop, tau, density, rescale, uniform))
-    assert torch.equal(exact.abs_sum_partial_below(tau, uniform, density),
-                       torch_path(exact.abs_sum_partial_below, tau, uniform, density))
+@pytest.mark.parametrize("density", [0.3, 0.9, "drawn"])  # drawn: one entry's number exactly
+def test_dare_l1_partials_from_the_kernels_numbers(torch_path, density):
+    key, position = rng.mask_key(5, "w", 0), 1001  # odd: the stream entered mid-word
+    for tau in (adversarial(3), adversarial(3, nan=False)):  # with NaN: counted, not summed
+        uniform = rng.stream_numbers(key, position, tau.numel())
+        threshold = float(uniform[10]) if density == "drawn" else density
+        fused = exact.dare_abs_partial(tau, key, position, threshold)
+        assert torch.equal(fused, torch_path(exact.abs_sum_partial_below, tau, uniform, threshold))
+
+
+@pytest.mark.parametrize("rescale,density", [("inverse_p", 0.3), ("l1", 0.5), ("l1", "drawn")])
+@pytest.mark.parametrize("consensus", ["sum", "ties"])
+def test_dare_fused_into_combine(torch_path, rescale, density, consensus):
+    """combine's DARE mode equals sparsify.dare_drop of each tau (torch path), then combine."""
+    taus = [adversarial(20 + i, nan=False) for i in range(3)]
+    weights, position = [1.0, 0.5, 2.0], 7
+    keys = [rng.mask_key(1, "w", i) for i in range(3)]
+    uniforms = [rng.stream_numbers(key, position, taus[0].numel()) for key in keys]
+    density = float(uniforms[0][10]) if density == "drawn" else density
+    partials = [exact.abs_sum_partial_below(t, u, density) for t, u in zip(taus, uniforms, strict=True)]
+    factors = ([density] * 3 if rescale == "inverse_p"
+               else [sparsify.l1_rescale_factor(*map(exact.partial_value, p)) for p in partials])
+    drop = cpu_kernels.DareDrop(keys, position, density, factors, divide=rescale == "inverse_p")
+    fused = cpu_kernels.combine(taus, weights, consensus == "ties", 0.7, dare=drop)
+
+    def drop_then_combine():
+        dropped = [sparsify.dare_drop(t, density, rescale, u, None if rescale == "inverse_p" else f)
+                   for t, u, f in zip(taus, uniforms, factors, strict=True)]
+        return combine(consensus, dropped, weights) * 0.7
+
+    assert same_bits(fused, torch_path(drop_then_combine))
 
 
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.3, 1.0, 0.7], [1.0, -0.5, 0.25], [2.0]])
@@ -155,24 +199,20 @@ def test_whole_merges_equal_with_and_without_kernels(tiny_family, tmp_path, monk
     assert merge(tiny_family, method, tmp_path / "torch", 0) == fused
 
 
-@pytest.mark.parametrize("start,stop", [(0, 1 << 20), (3, 1 << 20), (4, 10), (5, 6), (0, 0)])
-def test_random_stream_same_numbers(torch_path, start, stop):
-    from distmerge.methods.rng import segment_uniform
+@pytest.mark.parametrize("method,params", [("linear", {}), ("dare_ties", {"rescale": "l1"}), ("della", {})])
+def test_bf16_merges_equal_with_and_without_kernels(bf16_family, tmp_path, monkeypatch, method, params):
+    """bf16 in and out: bf16_delta, the fused drop and add_to_bf16 against the torch path, chunks included."""
+    monkeypatch.setattr(merge_core, "CHUNK_ELEMENTS", 700)
+    fused = run(bf16_family, method, params, tmp_path / "fused")
+    monkeypatch.setenv("DISTMERGE_KERNELS", "torch")
+    assert run(bf16_family, method, params, tmp_path / "torch") == fused
 
-    fused = segment_uniform(7, "layer.weight", 2, 1, start, stop)
-    assert torch.equal(fused, torch_path(segment_uniform, 7, "layer.weight", 2, 1, start, stop))
 
-
-@pytest.mark.parametrize("seed", [0, 2**63 + 5, 2**64 - 1])
-@pytest.mark.parametrize("jump", [0, 1, 2**40 + 3])
-def test_pcg64_steps_are_numpys(seed, jump):
-    import numpy as np
-
-    for steps in (0, 1, 3, 4, 5, 1001):
-        generator = np.random.PCG64(seed)
-        generator.advance(jump)
-        drawn = cpu_kernels.pcg64_raw(generator, steps)
-        assert np.array_equal(drawn, generator.random_raw(steps)), steps  # the kernel leaves the state as it was
+@pytest.mark.parametrize("start,count", [(0, 1 << 20), (3, 1 << 20), (4, 6), (5, 1), (2**50 + 1, 4097)])
+def test_random_stream_same_numbers(torch_path, start, count):
+    key = rng.mask_key(7, "layer.weight", 2)
+    fused = rng.stream_numbers(key, start, count)
+    assert torch.equal(fused, torch_path(rng.stream_numbers, key, start, count))
 
 
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, 1.0, 2.0]])

@@ -155,14 +155,28 @@ def test_bitwise_selection_gives_torch_where_bits(pattern):
                        torch.where(mask.reshape(10, -1), shaped, 0.0).view(torch.int32))
 
 
-def test_mask_numbers_are_numpys_float32_stream():
-    """rng.segment_uniform builds the numbers from raw PCG64 steps; they are Generator.random(float32)'s."""
-    import numpy as np
+def reference_number(key: int, j: int) -> float:
+    """Number j of stream `key` as rng's docstring defines it, in Python integers (an independent reference)."""
+    low64 = (1 << 64) - 1
+    z = (key + (j // 2 + 1) * 0x9E3779B97F4A7C15) & low64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & low64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & low64
+    z ^= z >> 31
+    word = z >> 32 if j % 2 else z & 0xFFFFFFFF
+    return (word >> 8) * 2.0**-24
 
-    from distmerge.methods.rng import mask_seed, segment_uniform
 
-    for start, stop in [(0, 1), (0, 1001), (1, 10), (7, 8), (4095, 70001), (5, 5)]:
-        generator = np.random.PCG64(mask_seed(3, "w", 1, 2))
-        generator.advance(start // 2)
-        expected = np.random.Generator(generator).random(stop - start + start % 2, dtype=np.float32)[start % 2:]
-        assert torch.equal(segment_uniform(3, "w", 1, 2, start, stop), torch.from_numpy(expected))
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_mask_numbers_follow_the_documented_construction(monkeypatch, kernels):
+    """rng's numbers, from the C kernel or numpy, are SplitMix64's outputs split in halves, 24 bits each;
+    their mean and the rate below a density are those of uniform numbers."""
+    from distmerge.methods.rng import mask_key, stream_numbers
+
+    monkeypatch.setenv("DISTMERGE_KERNELS", kernels)
+    key = mask_key(3, "w", 1)
+    for position, count in [(0, 1), (0, 1001), (1, 10), (7, 1), (4095, 5000), (2**40 + 1, 9), (5, 0)]:
+        drawn = stream_numbers(key, position, count)
+        assert drawn.dtype == torch.float32 and drawn.shape == (count,)
+        assert drawn.tolist() == [reference_number(key, position + i) for i in range(count)], (position, count)
+    many = stream_numbers(key, 0, 1 << 20)
+    assert abs(float(many.double().mean()) - 0.5) < 2e-3 and abs(float((many < 0.3).double().mean()) - 0.3) < 2e-3

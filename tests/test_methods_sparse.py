@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distmerge.methods import MergeInputs, TensorContext, get_method
-from distmerge.methods.rng import mask_seed, uniform_like
+from distmerge.methods.rng import mask_key, uniform_like
 from distmerge.methods.sparsify import (
     breadcrumbs_band,
     dare_drop,
@@ -117,7 +117,7 @@ def test_uniform_like_depends_on_every_key_part():
     assert torch.equal(uniform_like(like, 0, "w", 0), reference)
     for other in [(1, "w", 0), (0, "v", 0), (0, "w", 1)]:
         assert not torch.equal(uniform_like(like, *other), reference)
-    assert mask_seed(0, "w", 0) < 2**64
+    assert mask_key(0, "w", 0) < 2**64
 
 
 def test_global_rng_untouched():

@@ -2,7 +2,7 @@
 
 A TIES merge in torch ops makes ~30 passes over memory per element (abs, compare, mask to int, select, scale,
 add, sign, ...), each allocating a tensor; on CPU the merge is bound by those passes, not by arithmetic. Each
-kernel (`kernels.c`, built by `native`) does one or a few vectorized passes with the same float32 operations
+kernel (`kernels.c`, `random_kernels.c`, built by `native`) does one or a few vectorized passes with the same float32 operations
 in the same order, so its result is the torch path's to the bit (tests/test_cpu_kernels.py compares them on
 adversarial inputs: ties, zeros, -0.0, NaN, weights != 1), except the sign of a NaN that an operation
 creates (inf - inf), which IEEE leaves open. The torch code stays the reference and runs everywhere else:
@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -70,6 +71,28 @@ def bf16_delta(x: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def takes_bf16_deltas(base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+    """Whether `bf16_deltas` takes these: contiguous bf16 CPU tensors of one shape, kernels on."""
+    return _switched_on() and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.is_contiguous()
+                                  and t.shape == base.shape for t in (base, *models))
+
+
+def bf16_deltas(base: torch.Tensor, models: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(base.float(), [m.float() - base.float() for m in models]) in one pass (`takes_bf16_deltas`)."""
+    theta0 = torch.empty(base.shape, dtype=torch.float32)
+    taus = [torch.empty(base.shape, dtype=torch.float32) for _ in models]
+    _lib().bf16_deltas(_ptr(base), _pointers(models), len(models), base.numel(), _ptr(theta0), _pointers(taus))
+    return theta0, taus
+
+
+def add_to_bf16(delta: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(delta + target).to(torch.bfloat16) in one pass, for contiguous fp32 CPU tensors of one shape
+    (`enabled(delta, target)`); neither input is modified."""
+    out = torch.empty(delta.shape, dtype=torch.bfloat16)
+    _lib().add_to_bf16(_ptr(delta), _ptr(target), delta.numel(), _ptr(out))
+    return out
+
+
 def add_high_histogram(tau: torch.Tensor, into: torch.Tensor) -> None:
     """into += torch.bincount(magnitude_bits(tau) >> 16, minlength=65536), for a contiguous int64 `into`."""
     _lib().high_histogram(_ptr(tau), tau.numel(), _ptr(into))
@@ -116,53 +139,61 @@ def drop_equal_outside(out: torch.Tensor, tau: torch.Tensor, value: float, low: 
     _lib().drop_equal_outside(_ptr(out), _ptr(tau), tau.numel(), value, low, high)
 
 
-def pcg64_raw(bit_generator: np.random.PCG64, steps: int) -> np.ndarray | None:
-    """`bit_generator.random_raw(steps)` (without moving the generator on); None when the kernels are off."""
-    if not _switched_on():
-        return None
-    state = bit_generator.state["state"]
-    raw = np.empty(steps, dtype="<u8")
-    _lib().pcg64_raw(state["state"] >> 64, state["state"] & _LOW_64, state["inc"] >> 64, state["inc"] & _LOW_64,
-                     steps, _ptr(raw))
-    return raw
-
-
-_LOW_64 = (1 << 64) - 1
-
-
-def uniform_in_place(raw: np.ndarray, skip: int, count: int) -> np.ndarray | None:
-    """rng's numbers [skip, skip + count) of the stream whose 64-bit steps are `raw`, written over raw's own
-    memory (4 bytes a number); None when the kernels are off."""
-    if not _switched_on():
-        return None
-    raw = np.ascontiguousarray(raw)
-    _lib().uniform_in_place(_ptr(raw), _ptr(raw), skip, count)
-    return raw.view(np.float32)[:count]
-
-
-def dare(tau: torch.Tensor, uniform: torch.Tensor, density: float, factor: float, divide: bool) -> torch.Tensor:
-    """keep(uniform < density, tau), then / factor (divide) or * factor."""
-    out = torch.empty_like(tau)
-    _lib().dare(_ptr(tau), _ptr(uniform), tau.numel(), density, factor, int(divide), _ptr(out))
+def uniform_fill(key: int, position: int, count: int) -> torch.Tensor:
+    """Numbers [position, position + count) of the random stream `key` (rng.py's construction), fp32."""
+    out = torch.empty(count, dtype=torch.float32)
+    _lib().uniform_fill(key, position, count, _ptr(out))
     return out
 
 
-def abs_sums_by_exponent(tau: torch.Tensor, uniform: torch.Tensor | None, density: float) -> torch.Tensor:
-    """float64 sums of |tau| per biased exponent ([256]), or [not kept | kept by uniform < density] ([512])."""
-    sums = torch.zeros(512 if uniform is not None else 256, dtype=torch.float64)
-    _lib().abs_sum_by_exponent(_ptr(tau), _ptr(uniform) if uniform is not None else None, tau.numel(), density,
-                               int(uniform is not None), _ptr(sums))
-    return sums
+EXPONENT_SLOTS = 256 + 32  # random_kernels.c: exponent slots, then the NaN and infinity counts
+DARE_SLOTS = EXPONENT_SLOTS + 2
+
+
+def dare_abs_units(tau: torch.Tensor, key: int, position: int, density: float) -> torch.Tensor:
+    """Exact sums of |tau| over all entries and over those whose random number (stream `key`, tau's entry i
+    being number position + i) is < density: int64 [2, DARE_SLOTS] of units per exponent, then NaN and
+    infinity counts (see random_kernels.c; `exact` canonicalizes them)."""
+    units = torch.zeros(2, DARE_SLOTS, dtype=torch.int64)
+    _lib().dare_abs_units(_ptr(tau), tau.numel(), key, position, density, _ptr(units))
+    return units
+
+
+@dataclass(frozen=True)
+class DareDrop:
+    """DARE's drop as `combine` applies it: entry i of tau_m survives where number position + i of stream
+    keys[m] is < density, then is multiplied by factors[m] (or divided, with divide: inverse_p's density)."""
+
+    keys: Sequence[int]
+    position: int
+    density: float
+    factors: Sequence[float]
+    divide: bool
+
+
+class _Sparsify(ctypes.Structure):
+    """kernels.c's Sparsify: how combine sparsifies each tau as it reads it."""
+
+    _fields_ = [("thresholds", ctypes.c_void_p), ("keys", ctypes.c_void_p), ("position", ctypes.c_int64),
+                ("density", ctypes.c_float), ("factors", ctypes.c_void_p), ("divide", ctypes.c_int)]
 
 
 def combine(taus: Sequence[torch.Tensor], weights: Sequence[float], ties: bool, scale: float,
-            thresholds: Sequence[float] | None = None) -> torch.Tensor:
-    """consensus.combine(...) * scale; with `thresholds`, of [keep_at_least(tau_i, thresholds[i])] (one pass)."""
+            thresholds: Sequence[float] | None = None, dare: DareDrop | None = None) -> torch.Tensor:
+    """consensus.combine(...) * scale of the taus as given, or sparsified as they are read (one pass): with
+    `thresholds`, of [keep_at_least(tau_i, thresholds[i])]; with `dare`, of [sparsify.dare_drop(tau_i, ...)]
+    with uniform = the numbers of stream dare.keys[i] from dare.position."""
     out = torch.empty_like(taus[0])
     pointers, models, w, unit = _model_args(taus, weights)
     trim = None if thresholds is None else np.asarray(thresholds, np.float32)
-    _lib().combine(pointers, models, _ptr(w), _ptr(unit), None if trim is None else _ptr(trim), int(ties), scale,
-                   out.numel(), _ptr(out))
+    keys = None if dare is None else np.asarray(dare.keys, np.uint64)
+    factors = None if dare is None else np.asarray(dare.factors, np.float32)
+    sparsify = _Sparsify(None if trim is None else _ptr(trim), None if keys is None else _ptr(keys),
+                         0 if dare is None else dare.position, 0.0 if dare is None else dare.density,
+                         None if factors is None else _ptr(factors), int(dare is not None and dare.divide))
+    if _lib().combine(pointers, models, _ptr(w), _ptr(unit), ctypes.byref(sparsify), int(ties), scale, out.numel(),
+                      _ptr(out)) != 0:
+        raise MemoryError(f"combine: no memory for the DARE tiles of {models} models")
     return out
 
 

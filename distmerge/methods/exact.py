@@ -2,9 +2,12 @@
 
 A float sum depends on the order of its additions: on how a tensor is cut into row chunks and on how many
 threads reduce it. Methods whose result must not depend on either (DARE's L1 rescale) sum magnitudes
-exactly instead: every fp32 value is an integer number of units 2^(exponent - 150), so a partial holds, per
-biased exponent, the integer sum of the units (`abs_sum_partial`, int64 [256]: 2^39 entries of < 2^24 units
-fit). Partials add exactly, in any order; `partial_value` turns one into the correctly rounded float.
+exactly instead: every finite fp32 value is an integer number of units 2^-149 (the smallest subnormal), so a
+sum is an integer. A partial (int64 [PARTIAL_SIZE]) holds it as DIGITS 32-bit digits, least significant
+first, then the number of NaN entries and of infinite ones. Partials add exactly, in any order (a digit may
+exceed 32 bits after additions: it still counts 2^(32 k) units); `partial_value` turns one into the correctly
+rounded float (NaN if any entry was NaN, else infinity if any was infinite). Every way of computing a
+partial (torch, the C kernels) returns the same canonical digits, so they compare bit for bit.
 """
 
 from __future__ import annotations
@@ -18,51 +21,77 @@ import torch
 from distmerge.methods import cpu_kernels
 
 NUM_EXPONENTS = 256
+DIGITS = 10  # 32-bit digits: sums up to 2^320 units, past 2^40 entries of the largest float
+PARTIAL_SIZE = DIGITS + 2  # the digits, then the NaN and infinity counts
+_NAN, _INF = DIGITS, DIGITS + 1
 # A float64 sum of values of one exponent stays exact below 2^53 units: 2^29 values of < 2^24 units.
 _MAX_ELEMENTS_PER_CALL = 1 << 29
+# The kernel's slots grow by under 2^43 per 2048 entries: 2^26 entries keep them far from 2^63.
+_MAX_ELEMENTS_PER_KERNEL_CALL = 1 << 26
 # 1 / (the unit of biased exponent e) = 2^(150 - max(e, 1)): subnormals (e = 0) share exponent 1's unit.
 _UNITS_PER_VALUE = torch.tensor([2.0 ** (150 - max(e, 1)) for e in range(NUM_EXPONENTS)], dtype=torch.float64)
 
 
-def abs_sum_partial(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Per biased exponent, the sum of |x| in units of that exponent (int64 [256], on CPU); with a bool `keep`
-    shaped like x, the partials of all entries and of the kept ones (int64 [2, 256]).
+def canonical(units_by_exponent: list[int], nans: int = 0, infinities: int = 0) -> torch.Tensor:
+    """The partial of a sum given as integer units 2^(max(e, 1) - 150) per slot e (slots past 255 count
+    larger units alike), plus the NaN and infinity counts."""
+    total = sum(units << (max(e, 1) - 1) for e, units in enumerate(units_by_exponent) if units)
+    digits = [(total >> (32 * k)) & 0xFFFFFFFF for k in range(DIGITS - 1)] + [total >> (32 * (DIGITS - 1))]
+    return torch.tensor([*digits, nans, infinities], dtype=torch.int64)
 
-    Within one exponent every |x| is an integer number (< 2^24) of units, so a float64 sum of up to 2^29 of
-    them is exact whatever the order: bincount sums each exponent's values, then they become integers.
+
+def abs_sum_partial(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The partial of sum |x| (int64 [PARTIAL_SIZE], on CPU); with a bool `keep` shaped like x, the partials
+    of all entries and of the kept ones (int64 [2, PARTIAL_SIZE]).
+
+    Within one exponent every finite |x| is an integer number (< 2^24) of units, so a float64 sum of up to
+    2^29 of them is exact whatever the order: bincount sums each exponent's values, then they become integers.
     """
     magnitudes = x.detach().abs().flatten()
+    finite = magnitudes < math.inf
     slot = magnitudes.view(torch.int32) >> 23
-    buckets = 1
-    if keep is not None:
-        slot = slot.add_(keep.flatten(), alpha=NUM_EXPONENTS)
-        buckets = 2
-    return _partials(magnitudes.numel(), buckets, lambda part: torch.bincount(
-        slot[part], weights=magnitudes[part].double(), minlength=buckets * NUM_EXPONENTS))
+    # Non-finite entries are only counted: their exponent slot (255) gets weight 0.
+    weights = torch.where(finite, magnitudes, 0.0).double()
+    kept = torch.ones_like(finite) if keep is None else keep.flatten()
+    rows = []
+    for selected in ([kept] if keep is None else [torch.ones_like(kept), kept]):
+        units = torch.zeros(NUM_EXPONENTS, dtype=torch.int64)
+        for start in range(0, magnitudes.numel(), _MAX_ELEMENTS_PER_CALL):
+            part = slice(start, start + _MAX_ELEMENTS_PER_CALL)
+            sums = torch.bincount(slot[part], weights=weights[part] * selected[part], minlength=NUM_EXPONENTS)
+            units += (sums.cpu() * _UNITS_PER_VALUE).to(torch.int64)
+        nans = int((magnitudes.isnan() & selected).sum())
+        infinities = int(((magnitudes == math.inf) & selected).sum())
+        rows.append(canonical(units.tolist(), nans, infinities))
+    return rows[0] if keep is None else torch.stack(rows)
 
 
 def abs_sum_partial_below(x: torch.Tensor, uniform: torch.Tensor, density: float) -> torch.Tensor:
-    """`abs_sum_partial(x, uniform < density)`, fused on CPU (`cpu_kernels`): the same integers."""
-    if not cpu_kernels.enabled(x, uniform):
-        return abs_sum_partial(x, uniform < density)
-    flat_x, flat_u = x.reshape(-1), uniform.reshape(-1)
-    return _partials(flat_x.numel(), 2,
-                     lambda part: cpu_kernels.abs_sums_by_exponent(flat_x[part], flat_u[part], density))
+    """`abs_sum_partial(x, uniform < density)`."""
+    return abs_sum_partial(x, uniform < density)
 
 
-def _partials(numel: int, buckets: int, part_sums) -> torch.Tensor:
-    """Integer partials from float64 sums per (bucket, exponent) of slices of at most _MAX_ELEMENTS_PER_CALL
-    entries (each exact); with two buckets (not kept, kept) the result is [all, kept]."""
-    units = torch.zeros(buckets, NUM_EXPONENTS, dtype=torch.int64)
-    for start in range(0, numel, _MAX_ELEMENTS_PER_CALL):
-        sums = part_sums(slice(start, start + _MAX_ELEMENTS_PER_CALL))
-        units += (sums.cpu().view(buckets, NUM_EXPONENTS) * _UNITS_PER_VALUE).to(torch.int64)
-    return units[0] if buckets == 1 else torch.stack([units[0] + units[1], units[1]])
+def dare_abs_partial(x: torch.Tensor, key: int, position: int, density: float) -> torch.Tensor:
+    """`abs_sum_partial_below(x, uniform, density)` with uniform = numbers [position, position + x.numel()) of
+    the random stream `key` (rng.py), by the C kernel: the numbers never stored (needs cpu_kernels.enabled)."""
+    flat = x.reshape(-1)
+    total = torch.zeros(2, PARTIAL_SIZE, dtype=torch.int64)
+    for start in range(0, flat.numel(), _MAX_ELEMENTS_PER_KERNEL_CALL):
+        units = cpu_kernels.dare_abs_units(flat[start:start + _MAX_ELEMENTS_PER_KERNEL_CALL], key,
+                                           position + start, density).tolist()
+        total += torch.stack([canonical(row[:cpu_kernels.EXPONENT_SLOTS], *row[cpu_kernels.EXPONENT_SLOTS:])
+                              for row in units])
+    return total
 
 
 def partial_value(partial: torch.Tensor) -> float:
     """The exact sum a partial stands for, rounded once to the nearest float."""
-    scaled = sum(int(s) << (max(e, 1) - 1) for e, s in enumerate(partial.tolist()) if s)  # units of 2^-149
+    values = partial.tolist()
+    if values[_NAN]:
+        return math.nan
+    if values[_INF]:
+        return math.inf
+    scaled = sum(digit << (32 * k) for k, digit in enumerate(values[:DIGITS]))  # units of 2^-149
     return math.ldexp(float(scaled), -149)
 
 

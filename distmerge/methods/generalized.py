@@ -38,19 +38,25 @@ from distmerge.methods.registry import (
     TensorContext,
     register,
 )
-from distmerge.methods.rng import uniform_like
+from distmerge.methods.rng import mask_key, uniform_like
 
 Sparsifier = Callable[[torch.Tensor, Any, TensorContext, int], torch.Tensor]
 # A sparsifier that keeps |tau| >= a threshold may also give the threshold (None: it must run itself).
 Threshold = Callable[[torch.Tensor, Any, TensorContext, int], float | None]
+# DARE's drop as the combine kernel applies it, for these inputs.
+Drop = Callable[[MergeInputs, Any, TensorContext], cpu_kernels.DareDrop]
 
 
 def generalized_task_arithmetic(
     inputs: MergeInputs, params: Any, ctx: TensorContext, sparsifier: Sparsifier | None, consensus: Consensus,
-    threshold: Threshold | None = None,
+    threshold: Threshold | None = None, drop: Drop | None = None,
 ) -> torch.Tensor:
     """lambda * consensus of the sparsified task vectors (a new fp32 tensor, inputs untouched)."""
     taus = inputs.deltas
+    if drop is not None and cpu_kernels.enabled(*taus):
+        # The random drop fused into the combine: the same bits, without storing numbers or dropped vectors.
+        return cpu_kernels.combine(taus, inputs.weights, consensus == "ties", params.scale,
+                                   dare=drop(inputs, params, ctx))
     if threshold is not None and cpu_kernels.enabled(*taus):
         # The trim fused into the combine: the same bits, without writing the trimmed vectors.
         thresholds = [threshold(tau, params, ctx, index) for index, tau in enumerate(taus)]
@@ -179,9 +185,24 @@ def _dare(tau: torch.Tensor, params: DareParams, ctx: TensorContext, index: int)
                               None if factors is None else factors[index])
 
 
+def _dare_l1_partials(tau: torch.Tensor, params: DareParams, ctx: TensorContext, index: int) -> torch.Tensor:
+    if cpu_kernels.enabled(tau):  # the numbers drawn inside the kernel, never stored
+        return exact.dare_abs_partial(tau, mask_key(ctx.seed, ctx.name, index), ctx.offset, params.density)
+    return sparsify.dare_l1_partials(tau, params.density, _uniform(tau, ctx, index))
+
+
+def _dare_drop(inputs: MergeInputs, params: DareParams, ctx: TensorContext) -> cpu_kernels.DareDrop:
+    keys = [mask_key(ctx.seed, ctx.name, index) for index in range(len(inputs.deltas))]
+    if params.rescale == "inverse_p":
+        return cpu_kernels.DareDrop(keys, ctx.offset, params.density, [params.density] * len(keys), divide=True)
+    factors = ctx.stats.get(DARE_L1_KEY)
+    if factors is None:  # a whole tensor: its own L1 norms
+        factors = _finalize_dare_l1(_map_dare_l1(inputs, params, ctx), params)[DARE_L1_KEY]
+    return cpu_kernels.DareDrop(keys, ctx.offset, params.density, factors, divide=False)
+
+
 def _map_dare_l1(inputs: MergeInputs, params: DareParams, ctx: TensorContext) -> PartialStats:
-    return {"l1": torch.stack([sparsify.dare_l1_partials(tau, params.density, _uniform(tau, ctx, i))
-                               for i, tau in enumerate(inputs.deltas)])}
+    return {"l1": torch.stack([_dare_l1_partials(tau, params, ctx, i) for i, tau in enumerate(inputs.deltas)])}
 
 
 def _finalize_dare_l1(summed: PartialStats, params: DareParams) -> dict[str, Any]:
@@ -249,9 +270,10 @@ def _register_variant(
     chunking: str = "elements",
     tensor_phases=lambda params: (),
     threshold: Threshold | None = None,
+    drop: Drop | None = None,
 ) -> None:
     def merge(inputs: MergeInputs, params: Any, ctx: TensorContext) -> torch.Tensor:
-        return generalized_task_arithmetic(inputs, params, ctx, sparsifier, consensus, threshold)
+        return generalized_task_arithmetic(inputs, params, ctx, sparsifier, consensus, threshold, drop)
 
     name = params_model.method_name
     register(MergeMethod(name, params_model, merge, stats_phases=stats_phases, doc=doc,
@@ -274,11 +296,11 @@ _register_variant(
 )
 _register_variant(
     DareLinearParams, _dare, "sum", "DARE (arXiv 2311.03099) random drop and rescale, weighted sum.",
-    tensor_phases=_dare_phases,
+    tensor_phases=_dare_phases, drop=_dare_drop,
 )
 _register_variant(
     DareTiesParams, _dare, "ties", "DARE random drop and rescale, TIES sign election + disjoint mean.",
-    tensor_phases=_dare_phases,
+    tensor_phases=_dare_phases, drop=_dare_drop,
 )
 _register_variant(
     BreadcrumbsParams,

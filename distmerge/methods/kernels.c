@@ -5,36 +5,38 @@
  * Loops are simple so the compiler vectorizes them; multi-model loops run tile by tile, each step one loop
  * over a tile that stays in L1. Dropped entries are +0.0, as torch's masked selection gives.
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#define ABS_MASK 0x7FFFFFFF /* clearing the sign bit is torch.abs on an fp32 bit pattern, NaN included */
-#define NUM_BINS 65536
-#define TILE 2048
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define HOT __attribute__((target_clones("avx2", "default")))
-#else
-#define HOT
-#endif
-
-/* |x| as torch computes it: the sign bit cleared (NaN stays NaN, -0.0 becomes +0.0). */
-static inline float fabs_bits(float x) {
-    union { float f; uint32_t u; } v = {x};
-    v.u &= ABS_MASK;
-    return v.f;
-}
-
-/* Widening bf16 to fp32 is exact: the bf16 bits are the upper half of the fp32 pattern (NaN and -0.0 kept,
- * as torch's .to(float32)). bf16_delta fuses the widening with the subtraction of theta0 in one pass. */
-static inline float bf16_value(uint16_t b) {
-    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
-    return v.f;
-}
+#include "kernels.h"
 
 HOT void bf16_delta(const uint16_t *x, const float *theta0, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i++) out[i] = bf16_value(x[i]) - theta0[i];
+}
+
+/* The executor's inputs from bf16 tensors in one pass: theta0 = base.float() and, per model,
+ * taus[m] = models[m].float() - theta0, tile by tile so theta0 is read back from L1 instead of memory. */
+HOT void bf16_deltas(const uint16_t *base, const uint16_t *const *models, int64_t count, int64_t n,
+                     float *theta0, float *const *taus) {
+    for (int64_t start = 0; start < n; start += TILE) {
+        const int64_t len = n - start < TILE ? n - start : TILE;
+        const uint16_t *b = base + start;
+        float *t0 = theta0 + start;
+        for (int64_t i = 0; i < len; i++) t0[i] = bf16_value(b[i]);
+        for (int64_t m = 0; m < count; m++) {
+            const uint16_t *x = models[m] + start;
+            float *out = taus[m] + start;
+            for (int64_t i = 0; i < len; i++) out[i] = bf16_value(x[i]) - t0[i];
+        }
+    }
+}
+
+/* (delta + target).to(bfloat16) as torch computes it: the fp32 sum rounded to nearest even (overflow to
+ * infinity, subnormals kept), NaN as 0xFFFF (torch's vector conversion). The executor's last step: one pass
+ * instead of an add and a conversion over the merged tensor. */
+HOT void add_to_bf16(const float *delta, const float *target, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        union { float f; uint32_t u; } v = {delta[i] + target[i]};
+        uint16_t rounded = (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+        out[i] = v.f != v.f ? 0xFFFF : rounded;
+    }
 }
 
 /* Adds to `histogram` (65536) the counts of the upper 16 bits of |x|. Zeros (most of a sparse RL vector)
@@ -179,93 +181,54 @@ HOT void drop_equal_outside(float *out, const float *x, int64_t n, float value, 
     }
 }
 
-/* numpy's PCG64 (a 128-bit LCG, XSL-RR output): raw[t] = the (t + 1)-th 64-bit output after the state
- * (state, inc), as bit_generator.random_raw gives it. One LCG step depends on the previous one, so a single
- * chain runs at the latency of a 128-bit multiply; four interleaved chains, each jumping four steps at once
- * (s -> a^4 s + c (a^3 + a^2 + a + 1), the same arithmetic mod 2^128), run it about four times as fast. */
-typedef unsigned __int128 u128;
-#define PCG_MULTIPLIER (((u128)0x2360ED051FC65DA4ULL << 64) | 0x4385DF649FCCF645ULL)
-
-static inline uint64_t pcg_output(u128 state) {
-    uint64_t x = (uint64_t)(state >> 64) ^ (uint64_t)state;
-    unsigned rot = (unsigned)(state >> 122);
-    return (x >> rot) | (x << ((-rot) & 63));
-}
-
-void pcg64_raw(uint64_t state_high, uint64_t state_low, uint64_t inc_high, uint64_t inc_low, int64_t steps,
-               uint64_t *raw) {
-    const u128 a = PCG_MULTIPLIER, c = ((u128)inc_high << 64) | inc_low;
-    u128 lane[4], s = ((u128)state_high << 64) | state_low;
-    for (int k = 0; k < 4; k++) lane[k] = s = a * s + c;
-    const u128 a2 = a * a, a4 = a2 * a2, c4 = c * (a2 * a + a2 + a + 1);
-    int64_t t = 0;
-    for (; t + 4 <= steps; t += 4) {
-        for (int k = 0; k < 4; k++) {
-            raw[t + k] = pcg_output(lane[k]);
-            lane[k] = a4 * lane[k] + c4;
-        }
-    }
-    for (int k = 0; t < steps; t++, k++) raw[t] = pcg_output(lane[k]);
-}
-
-/* values[i] = (words[i + skip] >> 8) * 2^-24 (exact), over the same buffer: a forward loop reads each word
- * before any write reaches it. */
-void uniform_in_place(const uint32_t *words, float *values, int64_t skip, int64_t count) {
-    for (int64_t i = 0; i < count; i++) values[i] = (float)(int32_t)(words[i + skip] >> 8) * 0x1p-24f;
-}
-
-HOT void dare(const float *x, const float *uniform, int64_t n, float density, float factor, int divide,
-              float *out) {
-    if (divide) {
-        for (int64_t i = 0; i < n; i++) out[i] = (uniform[i] < density ? x[i] : 0.0f) / factor;
-    } else {
-        for (int64_t i = 0; i < n; i++) out[i] = (uniform[i] < density ? x[i] : 0.0f) * factor;
-    }
-}
-
-/* float64 sums of |x| per biased exponent (256), or [not kept | kept by uniform < density] (512) when split:
- * exact whatever the order (see exact.py). `sums` is zeroed by the caller. */
-void abs_sum_by_exponent(const float *x, const float *uniform, int64_t n, float density, int split,
-                         double *sums) {
-    /* Four interleaved copies: entries mostly share a few exponents, and one chain of dependent adds per
-     * slot would run at the adder's latency. Every partial sum is exact, so adding them is too. */
-    static const int64_t SLOTS = 512;
-    double partial[4][512];
-    const int32_t *bits = (const int32_t *)x;
-    memset(partial, 0, sizeof partial);
-    for (int64_t i = 0; i < n; i++) {
-        /* branch-free: the kept test is a coin flip, and a mispredicted branch costs more than the add */
-        int64_t slot = ((bits[i] & ABS_MASK) >> 23) + (split ? (int64_t)(uniform[i] < density) << 8 : 0);
-        partial[i & 3][slot] += (double)fabs_bits(x[i]);
-    }
-    for (int64_t slot = 0; slot < (split ? SLOTS : 256); slot++)
-        sums[slot] += (partial[0][slot] + partial[1][slot]) + (partial[2][slot] + partial[3][slot]);
-}
-
 /* keep_at_least's value of one entry: itself where |v| >= threshold, else +0.0 (NaN is dropped). */
 static inline float trim_entry(float v, int trim, float threshold) {
     return trim && !(fabs_bits(v) >= threshold) ? 0.0f : v;
 }
 
+/* How combine sparsifies each tau as it reads it: nothing, TIES's trim, or DARE's random drop. */
+typedef struct {
+    const float *thresholds; /* trim: keep_at_least(tau_m, thresholds[m]); NULL: no trim */
+    const uint64_t *keys;    /* DARE: stream keys[m] decides the drop (uniform < density); NULL: no drop */
+    int64_t position;        /* flat index of entry 0 in the whole tensor: where the streams start */
+    float density;
+    const float *factors;    /* survivors * factors[m], or / factors[m] when divide (inverse_p: the density) */
+    int divide;
+} Sparsify;
+
+/* DARE's value of one tile of tau_m in `out`: sparsify.dare_drop's bits ((u < d ? x : +0.0) * f or / f). */
+static inline void dare_tile(const float *t, const Sparsify *s, int64_t m, int64_t start, int64_t len,
+                             float *out) {
+    float u[TILE];
+    tile_uniform(s->keys[m], s->position + start, len, u);
+    const float f = s->factors[m], d = s->density;
+    if (s->divide) for (int64_t i = 0; i < len; i++) { float v = t[i]; out[i] = (u[i] < d ? v : 0.0f) / f; }
+    else for (int64_t i = 0; i < len; i++) { float v = t[i]; out[i] = (u[i] < d ? v : 0.0f) * f; }
+}
+
 /* consensus.combine(...) * scale: weighted sum ('sum') or TIES sign election + disjoint mean ('ties').
  * The first model is always multiplied by its weight (as weighted_sum does); later ones only when their
- * weight is not 1 (unit[m] == 0). With `thresholds` (NULL: none), each tau is first trimmed as keep_at_least
- * does, entry by entry as it is read: the bits of combining keep_at_least's tensors, without writing and
- * reading them back (TIES's trim). */
-HOT void combine(const float *const *taus, int64_t models, const float *weights, const uint8_t *unit,
-                 const float *thresholds, int ties, float scale, int64_t n, float *out) {
-    const int trim = thresholds != NULL;
+ * weight is not 1 (unit[m] == 0). Each tau is first sparsified as `s` says, entry by entry as it is read (a
+ * DARE tile once, into `dropped`): the bits of combining the sparsified tensors (keep_at_least's, dare's)
+ * without writing and reading them back. Returns 1 when the DARE tiles find no memory, else 0. */
+HOT_WIDE int combine(const float *const *taus, int64_t models, const float *weights, const uint8_t *unit,
+                const Sparsify *s, int ties, float scale, int64_t n, float *out) {
+    const int trim = s->thresholds != NULL, drop = s->keys != NULL;
     float total[TILE], denominator[TILE];
+    float *dropped = drop ? malloc(sizeof(float) * TILE * models) : NULL;
+    if (drop && dropped == NULL) return 1;
     float min_weight = weights[0];
     for (int64_t m = 1; m < models; m++) min_weight = weights[m] < min_weight ? weights[m] : min_weight;
     for (int64_t start = 0; start < n; start += TILE) {
         int64_t len = n - start < TILE ? n - start : TILE;
-        const float *first = taus[0] + start;
-        const float th0 = trim ? thresholds[0] : 0.0f;
+        if (drop) for (int64_t m = 0; m < models; m++) dare_tile(taus[m] + start, s, m, start, len, dropped + m * TILE);
+#define TAU(m) (drop ? dropped + (m) * TILE : taus[m] + start)
+        const float *first = TAU(0);
+        const float th0 = trim ? s->thresholds[0] : 0.0f;
         for (int64_t i = 0; i < len; i++) total[i] = trim_entry(first[i], trim, th0) * weights[0];
         for (int64_t m = 1; m < models; m++) {
-            const float *t = taus[m] + start;
-            float w = weights[m], th = trim ? thresholds[m] : 0.0f;
+            const float *t = TAU(m);
+            float w = weights[m], th = trim ? s->thresholds[m] : 0.0f;
             if (unit[m]) for (int64_t i = 0; i < len; i++) total[i] += trim_entry(t[i], trim, th);
             else for (int64_t i = 0; i < len; i++) total[i] += trim_entry(t[i], trim, th) * w;
         }
@@ -277,8 +240,8 @@ HOT void combine(const float *const *taus, int64_t models, const float *weights,
         for (int64_t i = 0; i < len; i++)  /* torch.sign: 0 for 0, -0.0 and NaN */
             total[i] = (0.0f < total[i] ? 1.0f : 0.0f) - (total[i] < 0.0f ? 1.0f : 0.0f);
         for (int64_t m = 0; m < models; m++) {
-            const float *t = taus[m] + start;
-            float w = weights[m], count = unit[m] ? 1.0f : w, th = trim ? thresholds[m] : 0.0f;
+            const float *t = TAU(m);
+            float w = weights[m], count = unit[m] ? 1.0f : w, th = trim ? s->thresholds[m] : 0.0f;
             int u = unit[m];
             for (int64_t i = 0; i < len; i++) {
                 float v = trim_entry(t[i], trim, th);
@@ -289,6 +252,7 @@ HOT void combine(const float *const *taus, int64_t models, const float *weights,
                 denominator[i] = m == 0 ? counted : denominator[i] + counted;
             }
         }
+#undef TAU
         if (min_weight > 0.0f) {
             for (int64_t i = 0; i < len; i++)
                 o[i] = o[i] / (denominator[i] > min_weight ? denominator[i] : min_weight) * scale;
@@ -297,6 +261,8 @@ HOT void combine(const float *const *taus, int64_t models, const float *weights,
                 o[i] = (denominator[i] == 0.0f ? 0.0f : o[i] / denominator[i]) * scale;
         }
     }
+    free(dropped);
+    return 0;
 }
 
 /* RAM: w_i tau_i (tau_i when w_i is 1) is active where its |.| > epsilon; count = active models per entry. */

@@ -1,4 +1,5 @@
-"""Build and load kernels.c: a small C library compiled on first use with the machine's C compiler and cached.
+"""Build and load the kernels (kernels.c, random_kernels.c): a small C library compiled on first use with the
+machine's C compiler and cached.
 
 Compiled once per machine and source version (the file name carries a hash of the source and the flags) into
 `distmerge/methods/__pycache__/` when that is writable, else `$XDG_CACHE_HOME/distmerge` (~/.cache): a build
@@ -23,7 +24,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "random_kernels.c")]
+HEADER = Path(__file__).with_name("kernels.h")
 # -ffp-contract=off: no fused multiply-adds (torch rounds a product and a sum separately).
 FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
 
@@ -32,6 +34,8 @@ _I64 = ctypes.c_int64
 _F32 = ctypes.c_float
 _SIGNATURES = {
     "bf16_delta": [_P, _P, _I64, _P],
+    "add_to_bf16": [_P, _P, _I64, _P],
+    "bf16_deltas": [_P, _P, _I64, _I64, _P, _P],
     "high_histogram": [_P, _I64, _P],
     "bin_histogram": [_P, _I64, _I64, _P],
     "bin_histogram_pair": [_P, _I64, _I64, _I64, _P, _P],
@@ -39,10 +43,8 @@ _SIGNATURES = {
     "keep_band": [_P, _I64, _F32, _F32, _P],
     "count_equal_magnitudes": [_P, _I64, _F32, _F32, _P],
     "drop_equal_outside": [_P, _P, _I64, _F32, _I64, _I64],
-    "pcg64_raw": [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, _I64, _P],
-    "uniform_in_place": [_P, _P, _I64, _I64],
-    "dare": [_P, _P, _I64, _F32, _F32, ctypes.c_int, _P],
-    "abs_sum_by_exponent": [_P, _P, _I64, _F32, ctypes.c_int, _P],
+    "uniform_fill": [ctypes.c_uint64, _I64, _I64, _P],
+    "dare_abs_units": [_P, _I64, ctypes.c_uint64, _I64, _F32, _P],
     "combine": [_P, _I64, _P, _P, _P, ctypes.c_int, _F32, _I64, _P],
     "ram_overlap_counts": [_P, _I64, _P, _P, _F32, _I64, _P, _P],
     "ram_combine": [_P, _I64, _P, _P, _F32, _P, _I64, _P],
@@ -56,7 +58,7 @@ def _compiler() -> str | None:
 
 def _candidates(name: str) -> list[Path]:
     user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distmerge"
-    return [SOURCE.parent / "__pycache__" / name, user / name]
+    return [HEADER.parent / "__pycache__" / name, user / name]
 
 
 def _build(compiler: str, target: Path) -> bool:
@@ -67,7 +69,7 @@ def _build(compiler: str, target: Path) -> bool:
     except OSError:
         return False
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], check=True, capture_output=True, text=True,
                        timeout=120)
         os.replace(tmp, target)
         return True
@@ -83,7 +85,8 @@ def _build(compiler: str, target: Path) -> bool:
 @cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library (built if needed), or None without a working C compiler."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    sources = b"".join(path.read_bytes() for path in [*SOURCES, HEADER])
+    digest = hashlib.sha256(sources + " ".join(FLAGS).encode()).hexdigest()[:16]
     name = f"distmerge_kernels-{digest}.so"
     paths = _candidates(name)
     existing = next((p for p in paths if p.exists()), None)
@@ -99,5 +102,6 @@ def library() -> ctypes.CDLL | None:
     for function, argtypes in _SIGNATURES.items():
         getattr(lib, function).argtypes = argtypes
     lib.della_rows.restype = ctypes.c_int
+    lib.combine.restype = ctypes.c_int
     lib.bin_histogram.restype = ctypes.c_int64
     return lib

@@ -2,15 +2,22 @@
 
 A mask must be a pure function of (recipe seed, tensor name, model index): the same entries are dropped no
 matter which worker merges the tensor, in which order, on which device, and whether the tensor is merged
-whole or in row chunks (large tensors are, to bound memory). So the flattened tensor is cut into fixed
-segments of SEGMENT elements; segment s gets its own generator seeded from a hash of (seed, name, index, s).
-The generator is numpy's PCG64, about four times faster than torch's CPU generator (DARE and DELLA draw as
-many numbers as the model has parameters, per model), and it can jump ahead: a chunk that needs elements
-[a, b) of a segment draws exactly those (each 64-bit step gives two float32 numbers of 24 random bits).
-The numbers are drawn on CPU and only then moved to the tensor's device; no global RNG is touched.
+whole or in row chunks (large tensors are, to bound memory). So the numbers are counter-based: the stream of
+(seed, name, index) has a 64-bit key (`mask_key`), and number j of the flattened tensor is a pure function of
+(key, j), as SplitMix64 computes its outputs:
 
-An executor that makes several passes over one tensor (DARE's L1 statistics pass, then the merge) can draw
-each chunk's numbers once: inside `reusing_draws(name)` a repeated draw of that tensor returns the tensor drawn before.
+    word  = mix(key + (j // 2 + 1) * GAMMA mod 2^64)          (SplitMix64's output function)
+    bits  = low 32 bits of word for even j, high 32 bits for odd j
+    u_j   = (bits >> 8) * 2^-24                                 (uniform in [0, 1), 24 random bits, as float32)
+
+A chunk draws exactly its own numbers, with no state to jump over, and the C kernels (`random_kernels.c`)
+compute them in vectorized loops, in the same loop as the drop that reads them (DARE never stores them).
+Here they are built with numpy when the kernels are off; they are drawn on CPU and only then moved to the
+tensor's device; no global RNG is touched.
+
+An executor that makes several passes over one tensor on the torch path (DARE's L1 statistics pass, then the
+merge) can draw each chunk's numbers once: inside `reusing_draws(name)` a repeated draw of that tensor
+returns the tensor drawn before.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ import torch
 
 from distmerge.methods import cpu_kernels
 
-SEGMENT = 1 << 22  # elements per independently seeded segment
+GAMMA = 0x9E3779B97F4A7C15
+_MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 _scope = threading.local()  # .draws: (tensor name, its reusable draws) on this thread, or absent/None
 
@@ -50,36 +58,31 @@ def reusing_draws(name: str) -> Iterator[None]:
             _scope.draws = previous
 
 
-def mask_seed(seed: int, name: str, index: int, segment: int = 0) -> int:
-    """64-bit seed: the first 8 bytes of sha256(f"{seed}\\0{name}\\0{index}"), plus f"\\0{segment}" after the
-    first segment, little-endian."""
-    text = f"{seed}\0{name}\0{index}" + (f"\0{segment}" if segment else "")
+def mask_key(seed: int, name: str, index: int) -> int:
+    """The 64-bit key of the stream of (seed, tensor name, model index): the first 8 bytes of
+    sha256(f"{seed}\\0{name}\\0{index}"), little-endian."""
+    text = f"{seed}\0{name}\0{index}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def segment_uniform(seed: int, name: str, index: int, segment: int, start: int, stop: int) -> torch.Tensor:
-    """Numbers [start, stop) of one segment's stream of uniform [0, 1) fp32 numbers.
+def stream_numbers(key: int, position: int, count: int) -> torch.Tensor:
+    """Numbers [position, position + count) of stream `key` (fp32, CPU), by the kernels when they are on."""
+    if count and cpu_kernels.enabled():
+        return cpu_kernels.uniform_fill(key, position, count)
+    return torch.from_numpy(_numpy_numbers(key, position, count))
 
-    The stream is numpy's `Generator(PCG64).random(dtype=float32)`: each number is the next 32 random bits
-    (the low half of a 64-bit step, then the high half) shifted right by 8, times 2^-24. Built here from the raw
-    64-bit steps, which gives the same numbers at less than half the cost; the C kernels draw those steps
-    themselves from the generator's state (four interleaved LCG chains, ~1.8x numpy's `random_raw`).
-    """
-    bit_generator = np.random.PCG64(mask_seed(seed, name, index, segment))
-    bit_generator.advance(start // 2)  # two numbers per step: land on the step holding number `start`
-    count = stop - start + start % 2
-    raw = cpu_kernels.pcg64_raw(bit_generator, (count + 1) // 2)
-    if raw is None:
-        raw = bit_generator.random_raw((count + 1) // 2).astype("<u8", copy=False)
-    fused = cpu_kernels.uniform_in_place(raw, start % 2, stop - start)
-    if fused is not None:
-        return torch.from_numpy(fused)
-    words = raw.view("<u4")[:count]
-    np.right_shift(words, 8, out=words)
-    # In place (same item size, element by element): the stream costs 4 bytes per number, not 12.
-    values = raw.view(np.float32)[:count]
-    np.multiply(words, np.float32(2.0**-24), out=values, casting="unsafe")
-    return torch.from_numpy(values[start % 2:])
+
+def _numpy_numbers(key: int, position: int, count: int) -> np.ndarray:
+    """The module docstring's construction in numpy uint64 arithmetic (wrapping mod 2^64)."""
+    first = position // 2
+    steps = (position + count + 1) // 2 - first
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + (np.arange(first + 1, first + steps + 1, dtype=np.uint64) * np.uint64(GAMMA))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX[0])
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX[1])
+    z ^= z >> np.uint64(31)
+    words = z.astype("<u8", copy=False).view("<u4")[position % 2:position % 2 + count]
+    return ((words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)).astype(np.float32)
 
 
 def uniform_like(tensor: torch.Tensor, seed: int, name: str, index: int, *, offset: int = 0) -> torch.Tensor:
@@ -93,14 +96,7 @@ def uniform_like(tensor: torch.Tensor, seed: int, name: str, index: int, *, offs
     key = (seed, index, offset, tuple(tensor.shape), str(tensor.device))
     if draws is not None and key in draws:
         return draws[key]
-    numel = tensor.numel()
-    first, last = offset // SEGMENT, (offset + numel - 1) // SEGMENT if numel else offset // SEGMENT
-    pieces = []
-    for segment in range(first, last + 1):
-        start = max(offset, segment * SEGMENT) - segment * SEGMENT
-        stop = min(offset + numel, (segment + 1) * SEGMENT) - segment * SEGMENT
-        pieces.append(segment_uniform(seed, name, index, segment, start, stop))
-    flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    flat = stream_numbers(mask_key(seed, name, index), offset, tensor.numel())
     drawn = flat.reshape(tensor.shape).to(tensor.device)
     if draws is not None:
         draws[key] = drawn

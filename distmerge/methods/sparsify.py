@@ -81,12 +81,10 @@ def dare_drop(tau: torch.Tensor, density: float, rescale: DareRescale, uniform: 
     `inverse_p` divides survivors by the keep probability (the paper); `l1` scales the kept vector so its
     L1 norm matches the original tau's (mergekit's choice). Both norms are exact sums (`exact`), so the
     factor does not depend on chunking or threads; `l1_factor` passes it in for a chunk of a large tensor.
+    On CPU the merge applies this drop inside `cpu_kernels.combine` instead (the same bits).
     """
     if rescale == "l1" and l1_factor is None:
         l1_factor = l1_rescale_factor(*map(exact.partial_value, dare_l1_partials(tau, density, uniform)))
-    if cpu_kernels.enabled(tau, uniform):
-        divide = rescale == "inverse_p"
-        return cpu_kernels.dare(tau, uniform, density, density if divide else l1_factor, divide)
     kept = dare_keep(tau, density, uniform)
     if rescale == "inverse_p":
         return exact.divide_(kept, density)

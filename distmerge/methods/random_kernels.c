@@ -1,0 +1,81 @@
+/* Kernels of the counter-based random numbers (kernels.h, rng.py) and of DARE's exact L1 statistics. */
+#include "kernels.h"
+
+/* out[0, n) = numbers [position, position + n) of stream `key` (rng.uniform_like's numbers). */
+HOT_WIDE void uniform_fill(uint64_t key, int64_t position, int64_t n, float *out) {
+    for (int64_t start = 0; start < n; start += TILE)
+        tile_uniform(key, position + start, n - start < TILE ? n - start : TILE, out + start);
+}
+
+/* Exact sums of |x| over all entries and over DARE's survivors (number j of stream `key` < density), added
+ * to units[0][.] and units[1][.] (int64 [2][DARE_SLOTS]): units[k][e] counts units 2^(max(e, 1) - 150) for
+ * e < EXPONENT_SLOTS (past 255 only as the upper half of a window's sum), units[k][NAN_SLOT] NaN entries and
+ * units[k][INF_SLOT] infinite ones (exact.py turns them into a canonical partial). An entry of biased exponent e (max(e, 1) for subnormals) is its 24-bit integer mantissa m times
+ * that unit, so within a tile whose largest exponent is top, the entries with an exponent in
+ * [base, base + WINDOW) = [max(top - WINDOW + 1, 1), top] are integers m << (e - base) < 2^52 in units of
+ * base: a branch-free vectorized loop adds them in uint64 (a tile of TILE = 2^11 of them stays below 2^63),
+ * masked for the survivors; the two sums go to the slots of base (low 32 bits) and base + 32 (the rest).
+ * The rare entries below the window (nonzero and 2^-28 smaller than the tile's largest) are added one by
+ * one to their own exponent's slot; a tile holding NaN or infinity is walked one by one. Slots grow by under
+ * 2^43 a tile: callers canonicalize at most 2^19 tiles' worth (exact.py's calls are smaller). */
+#define WINDOW 29
+#define EXPONENT_SLOTS (256 + 32)
+#define NAN_SLOT EXPONENT_SLOTS
+#define INF_SLOT (EXPONENT_SLOTS + 1)
+#define DARE_SLOTS (EXPONENT_SLOTS + 2)
+
+static void walk_tile(const uint32_t *bits, const float *u, int64_t len, float density, int64_t base,
+                      int64_t *units) {
+    for (int64_t i = 0; i < len; i++) {
+        const uint32_t a = bits[i] & ABS_MASK;
+        const int64_t e = a >> 23, kept = u[i] < density;
+        int64_t slot, amount;
+        if (e == 255) {
+            slot = a > 0x7F800000 ? NAN_SLOT : INF_SLOT;
+            amount = 1;
+        } else {
+            slot = e > 1 ? e : 1;
+            amount = (a & 0x7FFFFF) | (e ? 0x800000 : 0);
+            if (slot >= base || amount == 0) continue;  /* inside the window: summed by the caller */
+        }
+        units[slot] += amount;
+        if (kept) units[DARE_SLOTS + slot] += amount;
+    }
+}
+
+HOT_WIDE void dare_abs_units(const float *x, int64_t n, uint64_t key, int64_t position, float density,
+                        int64_t *units) {
+    float u[TILE];
+    for (int64_t start = 0; start < n; start += TILE) {
+        const int64_t len = n - start < TILE ? n - start : TILE;
+        const uint32_t *bits = (const uint32_t *)x + start;
+        tile_uniform(key, position + start, len, u);
+        uint32_t largest = 0;
+        for (int64_t i = 0; i < len; i++) {
+            uint32_t a = bits[i] & ABS_MASK;
+            largest = a > largest ? a : largest;
+        }
+        const int64_t top = largest >> 23;
+        if (top == 255) {  /* NaN or infinity: every entry one by one, none in a window */
+            walk_tile(bits, u, len, density, 256, units);
+            continue;
+        }
+        const int64_t base = top - WINDOW + 1 > 1 ? top - WINDOW + 1 : 1;
+        uint64_t all = 0, kept = 0;
+        int32_t below = 0;
+        for (int64_t i = 0; i < len; i++) {
+            const uint32_t a = bits[i] & ABS_MASK, e = a >> 23;
+            const uint32_t m = (a & 0x7FFFFF) | (e ? 0x800000 : 0);
+            const int32_t shift = (int32_t)(e > 1 ? e : 1) - (int32_t)base;
+            const uint64_t v = shift >= 0 ? (uint64_t)m << (shift & 63) : 0;
+            below |= (shift < 0) & (m != 0);
+            all += v;
+            kept += u[i] < density ? v : 0;
+        }
+        units[base] += all & 0xFFFFFFFF;
+        units[base + 32] += all >> 32;
+        units[DARE_SLOTS + base] += kept & 0xFFFFFFFF;
+        units[DARE_SLOTS + base + 32] += kept >> 32;
+        if (below) walk_tile(bits, u, len, density, base, units);
+    }
+}
