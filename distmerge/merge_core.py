@@ -109,7 +109,8 @@ class BlockMerger:
         self.params = job.parsed_params()
         self.method = job.method
         self.phases = job.phases()
-        self.readers = {role: TensorReader(idx, use_mmap=False) for role, idx in job.indexes.items()}
+        # Local inputs are mapped (no copy: the kernels read the page cache) and released piece by piece.
+        self.readers = {role: TensorReader(idx) for role, idx in job.indexes.items()}
         self._same_target = job.indexes["target"].url == job.indexes["base"].url
         self._model_roles = [f"model:{n}" for n in job.plan.model_names]
         self._weights = [float(w) for w in (job.weights or [1.0] * len(self._model_roles))]
@@ -146,9 +147,15 @@ class BlockMerger:
             copied = self.readers["target"].read([n for n in chunk if not plan[n].merge])
             for name in chunk:
                 if not plan[name].merge:
-                    yield Piece(name, None, copied[name], 0, True)
+                    try:
+                        yield Piece(name, None, copied[name], 0, True)
+                    finally:
+                        self.readers["target"].release(name)
                     continue
-                yield Piece(name, *self._inputs({role: t.pop(name) for role, t in raw.items()}), 0, True)
+                try:
+                    yield Piece(name, *self._inputs({role: t.pop(name) for role, t in raw.items()}), 0, True)
+                finally:  # the consumer is done with the piece: it asks for the next or closes the generator
+                    self._release(name)
 
     def _chunk_pieces(self, name: str, stats: dict[str, Any]) -> Iterator[Piece]:
         """Row chunks of a large tensor; with tensor phases, first run them over all chunks (one pass each;
@@ -169,8 +176,11 @@ class BlockMerger:
             totals = chunked_tensor_stats(self._tensor_phases, self.params,
                                           lambda: ((piece.inputs, self._ctx(piece, stats)) for piece in pieces()))
             items = ((piece, piece.inputs, self._ctx(piece, stats)) for piece in pieces())
-            for piece, piece_stats in with_prefix_stats(self._tensor_phases, self.params, items, totals):
-                yield replace(piece, stats=piece_stats)
+            try:
+                for piece, piece_stats in with_prefix_stats(self._tensor_phases, self.params, items, totals):
+                    yield replace(piece, stats=piece_stats)
+            finally:
+                self._release(name)  # held pieces may view pages that faulted back in during the passes
 
     def _row_pieces(self, name: str) -> Iterator[Piece]:
         shape = self.job.plan.tensors[name].shape
@@ -179,7 +189,15 @@ class BlockMerger:
         for start in range(0, shape[0], rows_per_piece):
             stop = min(shape[0], start + rows_per_piece)
             raw = {role: reader.read_rows(name, start, stop) for role, reader in self._input_readers().items()}
-            yield Piece(name, *self._inputs(raw), start * row_elems, stop == shape[0])
+            try:
+                yield Piece(name, *self._inputs(raw), start * row_elems, stop == shape[0])
+            finally:
+                self._release(name, start, stop)
+
+    def _release(self, name: str, start: int | None = None, stop: int | None = None) -> None:
+        """Unmap a consumed piece's input pages (mapped local files), so memory stays flat over the merge."""
+        for reader in self._input_readers().values():
+            reader.release(name, start, stop)
 
     def _input_readers(self) -> dict[str, TensorReader]:
         roles = ["base", *self._model_roles, *([] if self._same_target else ["target"])]
@@ -264,6 +282,7 @@ class BlockMerger:
                         break
                 if any(plan[a].alias_of == name for a in block.tensors):
                     pending_alias[name] = tensor
+            pieces.close()  # releases the last piece's input pages
             size, digest = shard.finish()
         # The object's store tag once its upload has completed (on close), for the commit's check.
         return ShardRecord(block.file, size, digest, block.tensors, block.nbytes, target.version())

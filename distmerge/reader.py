@@ -3,9 +3,9 @@
 Remote files: the byte ranges of the requested tensors are grouped by file and coalesced into few requests.
 Local files: by default tensors are zero-copy views of a read-only mmap (the page cache is the buffer), so
 reading costs no copy until a computation needs one; views are read-only, consumers must not write in place.
-With `use_mmap=False` local files are read like remote ones (coalesced preads into private buffers): the
-merge uses that, because mapped pages stay in the process's RSS for as long as the map lives, while private
-buffers are freed chunk by chunk, which keeps a long merge's memory flat.
+Mapped pages count in the process's RSS until unmapped: a reader done with a tensor calls `release`, which
+keeps a long merge's memory flat (the merge does, right after turning each piece into fp32). With
+`use_mmap=False` local files are read like remote ones (coalesced preads into private buffers).
 """
 
 from __future__ import annotations
@@ -62,6 +62,23 @@ class TensorReader:
             return self._mapped(entry.file, loc.local_path, part)
         (blob,) = loc.read_ranges([(part.start, part.end)], file_size=self.index.files[entry.file].size)
         return _from_buffer(blob, part, 0)
+
+    def release(self, name: str, start: int | None = None, stop: int | None = None) -> None:
+        """Unmap the pages of tensor `name` (rows [start, stop) if given) from this process, keeping them in
+        the page cache: a reader that is done with a tensor's bytes keeps its memory flat, as private buffers
+        freed chunk by chunk would. Views still alive read the same bytes (pages fault back in). Only whole
+        pages inside the range; nothing for tensors that were not mapped."""
+        entry = self.index.entry(name)
+        mm = self._maps.get(entry.file)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        low, high = entry.start, entry.end
+        if start is not None and entry.shape and entry.shape[0]:
+            row_bytes = entry.nbytes // entry.shape[0]
+            low, high = entry.start + start * row_bytes, entry.start + stop * row_bytes
+        first, last = -(-low // mmap.PAGESIZE) * mmap.PAGESIZE, high // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def _mapped(self, file: str, path: str, entry: TensorEntry) -> torch.Tensor:
         mm = self._maps.get(file)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from distmerge.checkpoint import CheckpointIndex
 from distmerge.cli import cli
@@ -120,3 +122,34 @@ def test_fingerprint_is_stable_and_content_sensitive(tiny_qwen2, tmp_path):
     assert CheckpointIndex.load(str(tmp_path / "copy")).fingerprint() == first
     other = build_tiny_model(tmp_path / "other", "qwen2", intermediate_size=96)
     assert CheckpointIndex.load(other).fingerprint() != first
+
+
+def mapped_rss_kib(path: str) -> int:
+    """This process's resident KiB of the mappings of file `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if "-" in line.split()[0] and len(line.split()) >= 5:  # a mapping's header line
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_release_unmaps_pages_and_keeps_views_readable(tmp_path):
+    """A mapped tensor's pages leave the process's RSS on release; a view still alive reads the same bytes."""
+    big = torch.arange(4 * 1024 * 1024, dtype=torch.float32).reshape(1024, 4096)  # 16 MiB, 16 KiB rows
+    save_file({"big": big, "small": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    index = CheckpointIndex.load(str(tmp_path))
+    with TensorReader(index) as reader:
+        view = reader.read(["big"])["big"]
+        assert torch.equal(view, big)  # touches every page
+        path = str(tmp_path / "model.safetensors")
+        assert mapped_rss_kib(path) >= 15 * 1024
+        reader.release("big", 0, 512)  # rows: half the tensor
+        assert 7 * 1024 <= mapped_rss_kib(path) <= 9 * 1024
+        reader.release("big")
+        assert mapped_rss_kib(path) < 1024
+        assert torch.equal(view, big)  # faults back in from the page cache
+        reader.release("small")  # less than a page: nothing to unmap, no error
