@@ -146,17 +146,12 @@ def uniform_fill(key: int, position: int, count: int) -> torch.Tensor:
     return out
 
 
-EXPONENT_SLOTS = 256 + 32  # random_kernels.c: exponent slots, then the NaN and infinity counts
-DARE_SLOTS = EXPONENT_SLOTS + 2
-
-
-def dare_abs_units(tau: torch.Tensor, key: int, position: int, density: float) -> torch.Tensor:
-    """Exact sums of |tau| over all entries and over those whose random number (stream `key`, tau's entry i
-    being number position + i) is < density: int64 [2, DARE_SLOTS] of units per exponent, then NaN and
-    infinity counts (see random_kernels.c; `exact` canonicalizes them)."""
-    units = torch.zeros(2, DARE_SLOTS, dtype=torch.int64)
-    _lib().dare_abs_units(_ptr(tau), tau.numel(), key, position, density, _ptr(units))
-    return units
+def dare_abs_partials(tau: torch.Tensor, key: int, position: int, density: float, size: int) -> torch.Tensor:
+    """exact's canonical partials (int64 [2, size]) of |tau| over all entries and over those whose random number
+    (stream `key`, tau's entry i being number position + i) is < density; at most 2^26 entries a call."""
+    partials = torch.empty(2, size, dtype=torch.int64)
+    _lib().dare_abs_partials(_ptr(tau), tau.numel(), key, position, density, _ptr(partials))
+    return partials
 
 
 @dataclass(frozen=True)

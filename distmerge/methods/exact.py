@@ -26,15 +26,15 @@ PARTIAL_SIZE = DIGITS + 2  # the digits, then the NaN and infinity counts
 _NAN, _INF = DIGITS, DIGITS + 1
 # A float64 sum of values of one exponent stays exact below 2^53 units: 2^29 values of < 2^24 units.
 _MAX_ELEMENTS_PER_CALL = 1 << 29
-# The kernel's slots grow by under 2^43 per 2048 entries: 2^26 entries keep them far from 2^63.
+# random_kernels.c's bound: its slots grow by under 2^43 per 2048 entries, so 2^26 entries stay far from 2^63.
 _MAX_ELEMENTS_PER_KERNEL_CALL = 1 << 26
 # 1 / (the unit of biased exponent e) = 2^(150 - max(e, 1)): subnormals (e = 0) share exponent 1's unit.
 _UNITS_PER_VALUE = torch.tensor([2.0 ** (150 - max(e, 1)) for e in range(NUM_EXPONENTS)], dtype=torch.float64)
 
 
 def canonical(units_by_exponent: list[int], nans: int = 0, infinities: int = 0) -> torch.Tensor:
-    """The partial of a sum given as integer units 2^(max(e, 1) - 150) per slot e (slots past 255 count
-    larger units alike), plus the NaN and infinity counts."""
+    """The partial of a sum given as integer units 2^(max(e, 1) - 150) per biased exponent e, plus the NaN and
+    infinity counts (random_kernels.c's canonical_partial computes the same digits)."""
     total = sum(units << (max(e, 1) - 1) for e, units in enumerate(units_by_exponent) if units)
     digits = [(total >> (32 * k)) & 0xFFFFFFFF for k in range(DIGITS - 1)] + [total >> (32 * (DIGITS - 1))]
     return torch.tensor([*digits, nans, infinities], dtype=torch.int64)
@@ -77,10 +77,8 @@ def dare_abs_partial(x: torch.Tensor, key: int, position: int, density: float) -
     flat = x.reshape(-1)
     total = torch.zeros(2, PARTIAL_SIZE, dtype=torch.int64)
     for start in range(0, flat.numel(), _MAX_ELEMENTS_PER_KERNEL_CALL):
-        units = cpu_kernels.dare_abs_units(flat[start:start + _MAX_ELEMENTS_PER_KERNEL_CALL], key,
-                                           position + start, density).tolist()
-        total += torch.stack([canonical(row[:cpu_kernels.EXPONENT_SLOTS], *row[cpu_kernels.EXPONENT_SLOTS:])
-                              for row in units])
+        total += cpu_kernels.dare_abs_partials(flat[start:start + _MAX_ELEMENTS_PER_KERNEL_CALL], key,
+                                               position + start, density, PARTIAL_SIZE)
     return total
 
 

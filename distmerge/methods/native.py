@@ -44,7 +44,7 @@ _SIGNATURES = {
     "count_equal_magnitudes": [_P, _I64, _F32, _F32, _P],
     "drop_equal_outside": [_P, _P, _I64, _F32, _I64, _I64],
     "uniform_fill": [ctypes.c_uint64, _I64, _I64, _P],
-    "dare_abs_units": [_P, _I64, ctypes.c_uint64, _I64, _F32, _P],
+    "dare_abs_partials": [_P, _I64, ctypes.c_uint64, _I64, _F32, _P],
     "combine": [_P, _I64, _P, _P, _P, ctypes.c_int, _F32, _I64, _P],
     "ram_overlap_counts": [_P, _I64, _P, _P, _F32, _I64, _P, _P],
     "ram_combine": [_P, _I64, _P, _P, _F32, _P, _I64, _P],

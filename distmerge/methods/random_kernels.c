@@ -7,22 +7,50 @@ HOT_WIDE void uniform_fill(uint64_t key, int64_t position, int64_t n, float *out
         tile_uniform(key, position + start, n - start < TILE ? n - start : TILE, out + start);
 }
 
-/* Exact sums of |x| over all entries and over DARE's survivors (number j of stream `key` < density), added
- * to units[0][.] and units[1][.] (int64 [2][DARE_SLOTS]): units[k][e] counts units 2^(max(e, 1) - 150) for
- * e < EXPONENT_SLOTS (past 255 only as the upper half of a window's sum), units[k][NAN_SLOT] NaN entries and
- * units[k][INF_SLOT] infinite ones (exact.py turns them into a canonical partial). An entry of biased exponent e (max(e, 1) for subnormals) is its 24-bit integer mantissa m times
- * that unit, so within a tile whose largest exponent is top, the entries with an exponent in
- * [base, base + WINDOW) = [max(top - WINDOW + 1, 1), top] are integers m << (e - base) < 2^52 in units of
- * base: a branch-free vectorized loop adds them in uint64 (a tile of TILE = 2^11 of them stays below 2^63),
- * masked for the survivors; the two sums go to the slots of base (low 32 bits) and base + 32 (the rest).
- * The rare entries below the window (nonzero and 2^-28 smaller than the tile's largest) are added one by
- * one to their own exponent's slot; a tile holding NaN or infinity is walked one by one. Slots grow by under
- * 2^43 a tile: callers canonicalize at most 2^19 tiles' worth (exact.py's calls are smaller). */
+/* Exact sums of |x| over all entries and over DARE's survivors (number j of stream `key` < density), written
+ * to partials[0][.] and partials[1][.] (int64 [2][PARTIAL_SIZE]) as exact.py's canonical partials: the sum in
+ * units of 2^-149 as DIGITS 32-bit digits, least significant first, then the NaN and infinity counts.
+ * While summing, units[k][e] counts units 2^(max(e, 1) - 150) for e < EXPONENT_SLOTS (past 255 only as the
+ * upper half of a window's sum). An entry of biased exponent e (max(e, 1) for subnormals) is its 24-bit
+ * integer mantissa m times that unit, so within a tile whose largest exponent is top, the entries with an
+ * exponent in [base, base + WINDOW) = [max(top - WINDOW + 1, 1), top] are integers m << (e - base) < 2^52 in
+ * units of base: a branch-free vectorized loop adds them in uint64 (a tile of TILE = 2^11 of them stays below
+ * 2^63), masked for the survivors; the two sums go to the slots of base (low 32 bits) and base + 32 (the
+ * rest). The rare entries below the window (nonzero and 2^-28 smaller than the tile's largest) are added one
+ * by one to their own exponent's slot; a tile holding NaN or infinity is walked one by one. Slots grow by
+ * under 2^43 a tile: callers pass at most 2^26 entries (exact.py does). */
 #define WINDOW 29
 #define EXPONENT_SLOTS (256 + 32)
 #define NAN_SLOT EXPONENT_SLOTS
 #define INF_SLOT (EXPONENT_SLOTS + 1)
 #define DARE_SLOTS (EXPONENT_SLOTS + 2)
+#define DIGITS 10 /* exact.DIGITS */
+#define PARTIAL_SIZE (DIGITS + 2)
+
+/* The canonical partial of one row of slots: sum units[e] << (max(e, 1) - 1) in 32-bit limbs (each limb takes
+ * under 300 additions of < 2^32, then carries propagate), the last digit holding the bits above. A sum of at
+ * most 2^26 finite floats stays below 2^154, i.e. 2^303 units: the limbs past DIGITS stay zero. */
+static void canonical_partial(const int64_t *units, int64_t *partial) {
+    uint64_t limbs[DIGITS + 3] = {0};
+    for (int e = 0; e < EXPONENT_SLOTS; e++) {
+        if (!units[e]) continue;
+        const int shift = (e > 1 ? e : 1) - 1, word = shift / 32;
+        const unsigned __int128 v = (unsigned __int128)(uint64_t)units[e] << (shift % 32);
+        limbs[word] += (uint32_t)v;
+        limbs[word + 1] += (uint32_t)(v >> 32);
+        limbs[word + 2] += (uint64_t)(v >> 64);
+    }
+    uint64_t carry = 0;
+    for (int k = 0; k < DIGITS + 3; k++) {
+        const uint64_t t = limbs[k] + carry;
+        limbs[k] = t & 0xFFFFFFFFu;
+        carry = t >> 32;
+    }
+    for (int k = 0; k < DIGITS - 1; k++) partial[k] = (int64_t)limbs[k];
+    partial[DIGITS - 1] = (int64_t)(limbs[DIGITS - 1] | limbs[DIGITS] << 32);
+    partial[DIGITS] = units[NAN_SLOT];
+    partial[DIGITS + 1] = units[INF_SLOT];
+}
 
 static void walk_tile(const uint32_t *bits, const float *u, int64_t len, float density, int64_t base,
                       int64_t *units) {
@@ -43,8 +71,9 @@ static void walk_tile(const uint32_t *bits, const float *u, int64_t len, float d
     }
 }
 
-HOT_WIDE void dare_abs_units(const float *x, int64_t n, uint64_t key, int64_t position, float density,
-                        int64_t *units) {
+HOT_WIDE void dare_abs_partials(const float *x, int64_t n, uint64_t key, int64_t position, float density,
+                              int64_t *partials) {
+    int64_t units[2 * DARE_SLOTS] = {0};
     float u[TILE];
     for (int64_t start = 0; start < n; start += TILE) {
         const int64_t len = n - start < TILE ? n - start : TILE;
@@ -78,4 +107,6 @@ HOT_WIDE void dare_abs_units(const float *x, int64_t n, uint64_t key, int64_t po
         units[DARE_SLOTS + base + 32] += kept >> 32;
         if (below) walk_tile(bits, u, len, density, base, units);
     }
+    canonical_partial(units, partials);
+    canonical_partial(units + DARE_SLOTS, partials + PARTIAL_SIZE);
 }
