@@ -146,10 +146,13 @@ def uniform_fill(key: int, position: int, count: int) -> torch.Tensor:
     return out
 
 
-def dare_abs_partials(tau: torch.Tensor, key: int, position: int, density: float, size: int) -> torch.Tensor:
-    """exact's canonical partials (int64 [2, size]) of |tau| over all entries and over those whose random number
-    (stream `key`, tau's entry i being number position + i) is < density; at most 2^26 entries a call."""
-    partials = torch.empty(2, size, dtype=torch.int64)
+PARTIAL_SIZE = 12  # random_kernels.c's canonical partials: 10 digits, the NaN and infinity counts (exact.py)
+
+
+def dare_abs_partials(tau: torch.Tensor, key: int, position: int, density: float) -> torch.Tensor:
+    """exact's canonical partials (int64 [2, PARTIAL_SIZE]) of |tau| over all entries and over those whose
+    random number (stream `key`, tau's entry i being number position + i) is < density; at most 2^26 entries."""
+    partials = torch.empty(2, PARTIAL_SIZE, dtype=torch.int64)
     _lib().dare_abs_partials(_ptr(tau), tau.numel(), key, position, density, _ptr(partials))
     return partials
 

@@ -23,6 +23,7 @@ from distmerge.methods import cpu_kernels
 NUM_EXPONENTS = 256
 DIGITS = 10  # 32-bit digits: sums up to 2^320 units, past 2^40 entries of the largest float
 PARTIAL_SIZE = DIGITS + 2  # the digits, then the NaN and infinity counts
+assert PARTIAL_SIZE == cpu_kernels.PARTIAL_SIZE, "random_kernels.c writes partials of this size"
 _NAN, _INF = DIGITS, DIGITS + 1
 # A float64 sum of values of one exponent stays exact below 2^53 units: 2^29 values of < 2^24 units.
 _MAX_ELEMENTS_PER_CALL = 1 << 29
@@ -78,7 +79,7 @@ def dare_abs_partial(x: torch.Tensor, key: int, position: int, density: float) -
     total = torch.zeros(2, PARTIAL_SIZE, dtype=torch.int64)
     for start in range(0, flat.numel(), _MAX_ELEMENTS_PER_KERNEL_CALL):
         total += cpu_kernels.dare_abs_partials(flat[start:start + _MAX_ELEMENTS_PER_KERNEL_CALL], key,
-                                               position + start, density, PARTIAL_SIZE)
+                                               position + start, density)
     return total
 
 
