@@ -23,12 +23,16 @@ PACKAGES = ("distmerge", "torch", "safetensors", "transformers", "ray", "fsspec"
 
 
 def versions() -> dict[str, str]:
+    """Package versions, and the random stream behind DARE/DELLA masks (`rng.STREAM`)."""
+    from distmerge.methods.rng import STREAM
+
     out = {"python": platform.python_version()}
     for package in PACKAGES:
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             out[package] = "not installed"
+    out["mask_stream"] = STREAM
     return out
 
 

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from distmerge.cli import cli, main
 from distmerge.errors import CheckpointError, MergeError, RecipeError
 from distmerge.merge import run_merge
-from distmerge.methods import method_names
+from distmerge.methods import method_names, rng
 from distmerge.options import RunOptions
 from distmerge.recipe import parse_recipe
 from tests.conftest import build_tiny_model, upload
@@ -388,6 +388,7 @@ def test_provenance_model_card_index_and_no_staging(family, tmp_path):
     assert set(provenance["inputs"]) == {"base", "target", "model:sft-a", "model:sft-b"}
     assert all(v["fingerprint"] and v["url"] for v in provenance["inputs"].values())
     assert {"torch", "safetensors", "transformers", "distmerge", "python"} <= set(provenance["versions"])
+    assert provenance["versions"]["mask_stream"] == rng.STREAM  # which random masks a DARE/DELLA merge got
     assert len(provenance["statistics"]["ram_plus_lambdas"]) == 2
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "ram_plus" in card and provenance["plan_hash"] in card

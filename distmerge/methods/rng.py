@@ -32,6 +32,9 @@ import torch
 
 from distmerge.methods import cpu_kernels
 
+# Names the construction below; provenance records it, so a published DARE/DELLA merge says which masks it got
+# (the same recipe gives the same bytes under the same stream). Change it with the construction.
+STREAM = "splitmix64-halves-24bit/1"
 GAMMA = 0x9E3779B97F4A7C15
 _MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
