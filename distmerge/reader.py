@@ -4,7 +4,7 @@ Remote files: the byte ranges of the requested tensors are grouped by file and c
 Local files: by default tensors are zero-copy views of a read-only mmap (the page cache is the buffer), so
 reading costs no copy until a computation needs one; views are read-only, consumers must not write in place.
 Mapped pages count in the process's RSS until unmapped: a reader done with a tensor calls `release`, which
-keeps a long merge's memory flat (the merge does, right after turning each piece into fp32). With
+keeps a long merge's memory flat (the merge releases each piece once it is done with it). With
 `use_mmap=False` local files are read like remote ones (coalesced preads into private buffers).
 """
 
