@@ -147,7 +147,7 @@ def test_dare_l1_partials_from_the_kernels_numbers(torch_path, density):
         uniform = rng.stream_numbers(key, position, tau.numel())
         threshold = float(uniform[10]) if density == "drawn" else density
         fused = exact.dare_abs_partial(tau, key, position, threshold)
-        assert torch.equal(fused, torch_path(exact.abs_sum_partial_below, tau, uniform, threshold))
+        assert torch.equal(fused, torch_path(exact.abs_sum_partial, tau, uniform < threshold))
 
 
 @pytest.mark.parametrize("rescale,density", [("inverse_p", 0.3), ("l1", 0.5), ("l1", "drawn")])
@@ -159,7 +159,7 @@ def test_dare_fused_into_combine(torch_path, rescale, density, consensus):
     keys = [rng.mask_key(1, "w", i) for i in range(3)]
     uniforms = [rng.stream_numbers(key, position, taus[0].numel()) for key in keys]
     density = float(uniforms[0][10]) if density == "drawn" else density
-    partials = [exact.abs_sum_partial_below(t, u, density) for t, u in zip(taus, uniforms, strict=True)]
+    partials = [exact.abs_sum_partial(t, u < density) for t, u in zip(taus, uniforms, strict=True)]
     factors = ([density] * 3 if rescale == "inverse_p"
                else [sparsify.l1_rescale_factor(*map(exact.partial_value, p)) for p in partials])
     drop = cpu_kernels.DareDrop(keys, position, density, factors, divide=rescale == "inverse_p")

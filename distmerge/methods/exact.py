@@ -49,31 +49,32 @@ def abs_sum_partial(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.
     2^29 of them is exact whatever the order: bincount sums each exponent's values, then they become integers.
     """
     magnitudes = x.detach().abs().flatten()
-    finite = magnitudes < math.inf
     slot = magnitudes.view(torch.int32) >> 23
     # Non-finite entries are only counted: their exponent slot (255) gets weight 0.
-    weights = torch.where(finite, magnitudes, 0.0).double()
-    kept = torch.ones_like(finite) if keep is None else keep.flatten()
-    rows = []
-    for selected in ([kept] if keep is None else [torch.ones_like(kept), kept]):
-        units = torch.zeros(NUM_EXPONENTS, dtype=torch.int64)
-        for start in range(0, magnitudes.numel(), _MAX_ELEMENTS_PER_CALL):
-            part = slice(start, start + _MAX_ELEMENTS_PER_CALL)
-            sums = torch.bincount(slot[part], weights=weights[part] * selected[part], minlength=NUM_EXPONENTS)
-            units += (sums.cpu() * _UNITS_PER_VALUE).to(torch.int64)
-        nans = int((magnitudes.isnan() & selected).sum())
-        infinities = int(((magnitudes == math.inf) & selected).sum())
-        rows.append(canonical(units.tolist(), nans, infinities))
-    return rows[0] if keep is None else torch.stack(rows)
+    weights = torch.where(magnitudes < math.inf, magnitudes, 0.0).double()
+    whole = _partial(magnitudes, slot, weights, None)
+    if keep is None:
+        return whole
+    kept = keep.flatten()
+    return torch.stack([whole, _partial(magnitudes, slot, weights.mul(kept), kept)])
 
 
-def abs_sum_partial_below(x: torch.Tensor, uniform: torch.Tensor, density: float) -> torch.Tensor:
-    """`abs_sum_partial(x, uniform < density)`."""
-    return abs_sum_partial(x, uniform < density)
+def _partial(magnitudes: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor,
+             selected: torch.Tensor | None) -> torch.Tensor:
+    """The partial of the entries `selected` (all when None), `weights` being their |x| (0 where not finite)."""
+    units = torch.zeros(NUM_EXPONENTS, dtype=torch.int64)
+    for start in range(0, magnitudes.numel(), _MAX_ELEMENTS_PER_CALL):
+        part = slice(start, start + _MAX_ELEMENTS_PER_CALL)
+        sums = torch.bincount(slot[part], weights=weights[part], minlength=NUM_EXPONENTS)
+        units += (sums.cpu() * _UNITS_PER_VALUE).to(torch.int64)
+    nans, infinities = magnitudes.isnan(), magnitudes == math.inf
+    if selected is not None:
+        nans, infinities = nans & selected, infinities & selected
+    return canonical(units.tolist(), int(nans.sum()), int(infinities.sum()))
 
 
 def dare_abs_partial(x: torch.Tensor, key: int, position: int, density: float) -> torch.Tensor:
-    """`abs_sum_partial_below(x, uniform, density)` with uniform = numbers [position, position + x.numel()) of
+    """`abs_sum_partial(x, uniform < density)` with uniform = numbers [position, position + x.numel()) of
     the random stream `key` (rng.py), by the C kernel: the numbers never stored (needs cpu_kernels.enabled)."""
     flat = x.reshape(-1)
     total = torch.zeros(2, PARTIAL_SIZE, dtype=torch.int64)

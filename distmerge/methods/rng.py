@@ -85,7 +85,7 @@ def _numpy_numbers(key: int, position: int, count: int) -> np.ndarray:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX[1])
     z ^= z >> np.uint64(31)
     words = z.astype("<u8", copy=False).view("<u4")[position % 2:position % 2 + count]
-    return ((words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)).astype(np.float32)
+    return (words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
 
 
 def uniform_like(tensor: torch.Tensor, seed: int, name: str, index: int, *, offset: int = 0) -> torch.Tensor:

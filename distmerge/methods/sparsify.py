@@ -71,7 +71,7 @@ def l1_rescale_factor(tau_l1: float, kept_l1: float) -> float:
 
 def dare_l1_partials(tau: torch.Tensor, density: float, uniform: torch.Tensor) -> torch.Tensor:
     """Exact L1 partials of tau and of its DARE survivors ([2, 256], see `exact`)."""
-    return exact.abs_sum_partial_below(tau, uniform, density)
+    return exact.abs_sum_partial(tau, uniform < density)
 
 
 def dare_drop(tau: torch.Tensor, density: float, rescale: DareRescale, uniform: torch.Tensor,
