@@ -25,6 +25,7 @@ from distmerge.faults import maybe_inject
 from distmerge.methods import cpu_kernels
 from distmerge.methods.exact import one_thread
 from distmerge.methods.registry import (
+    Bf16Sources,
     MergeInputs,
     MergeMethod,
     PartialStats,
@@ -57,11 +58,11 @@ CHUNK_ELEMENTS = 1 << 19
 
 @dataclass(frozen=True)
 class Piece:
-    """A whole tensor, or a chunk of rows of one, with its fp32 inputs (None: copied unchanged)."""
+    """A whole tensor, or a chunk of rows of one, with its inputs (None: copied unchanged)."""
 
     name: str
     inputs: MergeInputs | None
-    target: torch.Tensor
+    target: torch.Tensor  # what the merged vector is added to: fp32, or bf16 as read (the output itself if copied)
     offset: int  # first element of this piece in the flattened tensor
     last: bool
     stats: dict[str, Any] = field(default_factory=dict)  # a chunk's tensor-phase results over its whole tensor
@@ -204,14 +205,21 @@ class BlockMerger:
         return {role: self.readers[role] for role in roles}
 
     def _inputs(self, raw: dict[str, torch.Tensor]) -> tuple[MergeInputs, torch.Tensor]:
+        """A piece's inputs and target. bf16 inputs stay as read: kernels form their task vectors tile by tile,
+        and the fp32 forms are made only if a method asks for them (`MergeInputs.from_bf16`)."""
         base, models = raw.pop("base"), [raw.pop(role) for role in self._model_roles]
         if self.device.type == "cpu" and cpu_kernels.takes_bf16_deltas(base, models):
-            theta0, deltas = cpu_kernels.bf16_deltas(base, models)  # one pass over all the bf16 inputs
-        else:
-            theta0 = self._fp32(base)
-            deltas = [self._delta(model, theta0) for model in models]
-        target = theta0 if self._same_target else self._fp32(raw.pop("target"))
+            inputs = MergeInputs.from_bf16(Bf16Sources(base, models), self._weights, cpu_kernels.widen)
+            target = base if self._same_target else self._as_target(raw.pop("target"))
+            return inputs, target
+        theta0 = self._fp32(base)
+        deltas = [self._delta(model, theta0) for model in models]
+        target = theta0 if self._same_target else self._as_target(raw.pop("target"))
         return MergeInputs(theta0, deltas, self._weights), target
+
+    def _as_target(self, tensor: torch.Tensor) -> torch.Tensor:
+        """bf16 targets stay as read for the final add (`cpu_kernels.add_to_bf16`), others go to fp32."""
+        return tensor if self.device.type == "cpu" and cpu_kernels.takes_bf16_target(tensor) else self._fp32(tensor)
 
     def _fp32(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=torch.float32)
@@ -250,11 +258,12 @@ class BlockMerger:
         if schedule is not None:
             alpha = resolved_alpha(schedule, stats)
             delta = delta * lines_scale(tp.layer, self.job.plan.num_layers, alpha, schedule.beta, schedule.non_block)
-        dtype = torch_dtype(tp.out_dtype)
-        if (not self.job.write_delta and dtype == torch.bfloat16 and delta.shape == piece.target.shape
-                and cpu_kernels.enabled(delta, piece.target)):
-            return cpu_kernels.add_to_bf16(delta, piece.target)  # the add and the rounding in one pass
-        out = delta if self.job.write_delta else delta.add_(piece.target)  # methods return a new tensor
+        dtype, target = torch_dtype(tp.out_dtype), piece.target
+        if (not self.job.write_delta and dtype == torch.bfloat16 and delta.shape == target.shape
+                and cpu_kernels.enabled(delta) and (cpu_kernels.enabled(target) or cpu_kernels.takes_bf16_target(target))):
+            return cpu_kernels.add_to_bf16(delta, target)  # the add (a bf16 target widened) and the rounding in one pass
+        # Methods return a new tensor; a bf16 target is widened exactly by the add's type promotion.
+        out = delta if self.job.write_delta else delta.add_(target)
         return out.to(dtype).cpu()
 
     def write_block(self, block: Block, staging: Location, stats: dict[str, Any]) -> ShardRecord:

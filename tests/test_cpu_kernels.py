@@ -9,6 +9,8 @@ import torch
 from distmerge import merge_core
 from distmerge.methods import cpu_kernels, exact, method_names, radix, rng, sparsify
 from distmerge.methods.consensus import combine
+from distmerge.methods.registry import Bf16Sources, MergeInputs, TensorContext, get_method
+from distmerge.methods.stats import chunked_tensor_stats
 from tests.test_chunking import run
 from tests.test_ray_merge import merge
 
@@ -173,6 +175,77 @@ def test_dare_fused_into_combine(torch_path, rescale, density, consensus):
     assert same_bits(fused, torch_path(drop_then_combine))
 
 
+def bf16_inputs(n: int = 20_003) -> Bf16Sources:
+    """Adversarial bf16 inputs: their task vectors hold NaN, infinities (3e38 - -3e38 overflows), ties, zeros."""
+    return Bf16Sources(adversarial(40, n).bfloat16(), [adversarial(41 + m, n).bfloat16() for m in range(3)])
+
+
+def not_widened(sources: Bf16Sources) -> MergeInputs:
+    def widen(_):
+        raise AssertionError("a kernel path formed the fp32 task vectors")
+    return MergeInputs.from_bf16(sources, [1.0, 0.5, 2.0], widen)
+
+
+@pytest.mark.parametrize("consensus", ["sum", "ties"])
+def test_kernels_read_bf16_inputs_as_their_task_vectors(consensus):
+    """combine, DARE's L1 partials, the histograms, the counts and the final add take the bf16 inputs as read:
+    the results of the same kernels over bf16_deltas' fp32 task vectors, whichever sparsifier rides along."""
+    sources = bf16_inputs()
+    theta0, taus = cpu_kernels.bf16_deltas(sources.base, sources.models)
+    weights, ties = [1.0, 0.5, 2.0], consensus == "ties"
+    keys = [rng.mask_key(3, "w", m) for m in range(3)]
+    drop = cpu_kernels.DareDrop(keys, 5, 0.4, [1.5, 2.0, 0.5], divide=False)
+    thresholds = [float(taus[0].abs()[7]), 0.0, 1e-3]
+    for extra in ({}, {"dare": drop}, {"thresholds": thresholds}):
+        fused = cpu_kernels.combine(sources, weights, ties, 0.7, **extra)
+        assert same_bits(fused, cpu_kernels.combine(taus, weights, ties, 0.7, **extra))
+    for model, tau, key in zip(sources.models, taus, keys, strict=True):
+        from_bf16 = exact.dare_abs_partial(model, key, 11, 0.4, base=sources.base)
+        assert torch.equal(from_bf16, exact.dare_abs_partial(tau, key, 11, 0.4))
+        high, high_bf16 = torch.zeros(2, radix.NUM_BINS, dtype=torch.int64)
+        cpu_kernels.add_high_histogram(tau, high)
+        cpu_kernels.add_high_histogram(model, high_bf16, sources.base)
+        assert torch.equal(high, high_bf16)
+        bins = (int(high.nonzero()[-3]), int(high.argmax()))  # a sparse bin and the fullest
+        low, low_bf16 = torch.zeros(2, 2, radix.NUM_BINS, dtype=torch.int64)
+        above, above_bf16 = torch.zeros(2, 2, dtype=torch.int64)
+        cpu_kernels.add_bin_histogram_pair(tau, bins, low, above)
+        cpu_kernels.add_bin_histogram_pair(model, bins, low_bf16, above_bf16, sources.base)
+        assert torch.equal(low, low_bf16) and torch.equal(above, above_bf16)
+        one_bin = torch.zeros(radix.NUM_BINS, dtype=torch.int64)
+        assert cpu_kernels.add_bin_histogram(model, bins[1], one_bin, sources.base) == above[1]
+        assert torch.equal(one_bin, low[1])
+        values = [float(tau.abs()[3]), 0.0]
+        assert torch.equal(cpu_kernels.count_equal_magnitudes(model, values, sources.base),
+                           cpu_kernels.count_equal_magnitudes(tau, values))
+    delta = adversarial(50, sources.base.numel())
+    assert torch.equal(cpu_kernels.add_to_bf16(delta, sources.base).view(torch.int16),
+                       cpu_kernels.add_to_bf16(delta, theta0).view(torch.int16))
+
+
+@pytest.mark.parametrize("method,params", [("dare_ties", {"rescale": "l1"}), ("dare_linear", {}), ("ties", {}),
+                                           ("task_arithmetic", {}), ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+                                           ("breadcrumbs_ties", {})])
+def test_kernel_merges_never_form_fp32_task_vectors(method, params):
+    """From bf16 inputs these methods merge on the inputs as read; the torch path gives the same bits."""
+    sources = bf16_inputs()
+    sources.base[:] = sources.base.nan_to_num(0.0)  # NaN-free: the torch path's NaN signs may differ
+    for model in sources.models:
+        model[:] = model.nan_to_num(0.0)
+    merge_method = get_method(method)
+    parsed = merge_method.parse_params(params)
+    stats = {}
+    if merge_method.tensor_phases(parsed):  # as the executor runs them over the chunks of a large tensor
+        phases, whole = merge_method.tensor_phases(parsed), TensorContext("w", numel=sources.base.numel())
+        stats = chunked_tensor_stats(phases, parsed, lambda: [(not_widened(sources), whole)])
+    ctx = TensorContext("w", stats=stats, numel=sources.base.numel()) if stats else TensorContext("w")
+    fused = merge_method.merge(not_widened(sources), parsed, ctx)
+    theta0, taus = cpu_kernels.bf16_deltas(sources.base, sources.models)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DISTMERGE_KERNELS", "torch")
+        assert same_bits(fused, merge_method.merge(MergeInputs(theta0, taus, [1.0, 0.5, 2.0]), parsed, ctx))
+
+
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.3, 1.0, 0.7], [1.0, -0.5, 0.25], [2.0]])
 @pytest.mark.parametrize("consensus", ["sum", "ties"])
 @pytest.mark.parametrize("scale", [1.0, 0.37])
@@ -199,9 +272,12 @@ def test_whole_merges_equal_with_and_without_kernels(tiny_family, tmp_path, monk
     assert merge(tiny_family, method, tmp_path / "torch", 0) == fused
 
 
-@pytest.mark.parametrize("method,params", [("linear", {}), ("dare_ties", {"rescale": "l1"}), ("della", {})])
+@pytest.mark.parametrize("method,params", [("linear", {}), ("dare_ties", {"rescale": "l1"}), ("della", {}),
+                                           ("ties", {}), ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+                                           ("breadcrumbs_ties", {})])
 def test_bf16_merges_equal_with_and_without_kernels(bf16_family, tmp_path, monkeypatch, method, params):
-    """bf16 in and out: bf16_delta, the fused drop and add_to_bf16 against the torch path, chunks included."""
+    """bf16 in and out: the kernels reading the bf16 inputs (the fused drop, trim and band, the histograms)
+    and add_to_bf16 against the torch path, chunks included."""
     monkeypatch.setattr(merge_core, "CHUNK_ELEMENTS", 700)
     fused = run(bf16_family, method, params, tmp_path / "fused")
     monkeypatch.setenv("DISTMERGE_KERNELS", "torch")

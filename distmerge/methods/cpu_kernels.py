@@ -20,11 +20,16 @@ import ctypes
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from distmerge.methods import native
+from distmerge.methods.registry import Bf16Sources, MergeInputs
+
+if TYPE_CHECKING:
+    from distmerge.methods.sparsify import BandPlan
 
 NUM_BINS = 1 << 16
 
@@ -47,6 +52,10 @@ def _ptr(t: torch.Tensor | np.ndarray) -> int:
     return t.data_ptr() if isinstance(t, torch.Tensor) else t.ctypes.data
 
 
+def _base(base: torch.Tensor | None) -> int | None:
+    return None if base is None else base.data_ptr()
+
+
 def _pointers(taus: Sequence[torch.Tensor]):
     return (ctypes.c_void_p * len(taus))(*(t.data_ptr() for t in taus))
 
@@ -56,6 +65,33 @@ def _model_args(taus: Sequence[torch.Tensor], weights: Sequence[float]):
     w = np.asarray(weights, np.float32)
     unit = np.asarray([weight == 1.0 for weight in weights], np.uint8)
     return _pointers(taus), len(taus), w, unit
+
+
+def task_sources(inputs: MergeInputs) -> list[torch.Tensor] | Bf16Sources | None:
+    """The task vectors as the kernels read them: the bf16 inputs as read (`MergeInputs.from_bf16` is built only
+    where the kernels take them), or the fp32 task vectors; None where the kernels do not take them."""
+    if inputs.bf16 is not None:
+        return inputs.bf16
+    return inputs.deltas if enabled(*inputs.deltas) else None
+
+
+@dataclass(frozen=True)
+class KernelTau:
+    """One task vector as the kernels over a single one read it: `x` itself (fp32), or with `base`, bf16 model
+    `x` minus bf16 `base`, formed tile by tile."""
+
+    x: torch.Tensor
+    base: torch.Tensor | None = None
+
+
+def kernel_taus(inputs: MergeInputs) -> list[KernelTau] | None:
+    """`task_sources(inputs)` model by model."""
+    sources = task_sources(inputs)
+    if sources is None:
+        return None
+    if isinstance(sources, Bf16Sources):
+        return [KernelTau(model, sources.base) for model in sources.models]
+    return [KernelTau(tau) for tau in sources]
 
 
 def takes_bf16_delta(x: torch.Tensor, theta0: torch.Tensor) -> bool:
@@ -85,29 +121,42 @@ def bf16_deltas(base: torch.Tensor, models: Sequence[torch.Tensor]) -> tuple[tor
     return theta0, taus
 
 
+def widen(sources: Bf16Sources) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The fp32 theta_0 and task vectors of bf16 inputs (`MergeInputs.from_bf16`'s `widen`)."""
+    return bf16_deltas(sources.base, sources.models)
+
+
+def takes_bf16_target(target: torch.Tensor) -> bool:
+    """Whether `add_to_bf16` takes this target as read: contiguous bf16 on CPU, kernels on."""
+    return target.device.type == "cpu" and target.dtype == torch.bfloat16 and target.is_contiguous() and _switched_on()
+
+
 def add_to_bf16(delta: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(delta + target).to(torch.bfloat16) in one pass, for contiguous fp32 CPU tensors of one shape
-    (`enabled(delta, target)`); neither input is modified."""
+    """(delta + target.float()).to(torch.bfloat16) in one pass, for a contiguous fp32 CPU delta (`enabled`) and
+    a target of its shape, contiguous fp32 or bf16 on CPU; neither input is modified."""
     out = torch.empty(delta.shape, dtype=torch.bfloat16)
-    _lib().add_to_bf16(_ptr(delta), _ptr(target), delta.numel(), _ptr(out))
+    add = _lib().add_to_bf16_target if target.dtype == torch.bfloat16 else _lib().add_to_bf16
+    add(_ptr(delta), _ptr(target), delta.numel(), _ptr(out))
     return out
 
 
-def add_high_histogram(tau: torch.Tensor, into: torch.Tensor) -> None:
-    """into += torch.bincount(magnitude_bits(tau) >> 16, minlength=65536), for a contiguous int64 `into`."""
-    _lib().high_histogram(_ptr(tau), tau.numel(), _ptr(into))
+def add_high_histogram(tau: torch.Tensor, into: torch.Tensor, base: torch.Tensor | None = None) -> None:
+    """into += torch.bincount(magnitude_bits(tau) >> 16, minlength=65536), for a contiguous int64 `into`.
+    With a bf16 `base`, `tau` is the bf16 model (`KernelTau`), as in every kernel over one task vector."""
+    _lib().high_histogram(_ptr(tau), _base(base), tau.numel(), _ptr(into))
 
 
-def add_bin_histogram(tau: torch.Tensor, high_bin: int, into: torch.Tensor) -> int:
+def add_bin_histogram(tau: torch.Tensor, high_bin: int, into: torch.Tensor, base: torch.Tensor | None = None) -> int:
     """into += the histogram of the low 16 bits of the |tau| in `high_bin` (contiguous int64 [65536]); returns
     how many entries lie above that bin (radix._bin_histogram's contract)."""
-    return _lib().bin_histogram(_ptr(tau), tau.numel(), high_bin, _ptr(into))
+    return _lib().bin_histogram(_ptr(tau), _base(base), tau.numel(), high_bin, _ptr(into))
 
 
-def add_bin_histogram_pair(tau: torch.Tensor, bins: tuple[int, int], into: torch.Tensor, above: torch.Tensor) -> None:
+def add_bin_histogram_pair(tau: torch.Tensor, bins: tuple[int, int], into: torch.Tensor, above: torch.Tensor,
+                           base: torch.Tensor | None = None) -> None:
     """add_bin_histogram for two bins in one pass: into[r] (contiguous int64 [2, 65536]) += the histogram of bin
     r; above[r] (contiguous int64 [2]) += how many entries lie above bin r."""
-    _lib().bin_histogram_pair(_ptr(tau), tau.numel(), bins[0], bins[1], _ptr(into), _ptr(above))
+    _lib().bin_histogram_pair(_ptr(tau), _base(base), tau.numel(), bins[0], bins[1], _ptr(into), _ptr(above))
 
 
 def keep_at_least(tau: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -124,12 +173,12 @@ def keep_band(tau: torch.Tensor, top: float, bottom: float) -> torch.Tensor:
     return out
 
 
-def count_equal_magnitudes(tau: torch.Tensor, values: Sequence[float]) -> torch.Tensor:
+def count_equal_magnitudes(tau: torch.Tensor, values: Sequence[float], base: torch.Tensor | None = None) -> torch.Tensor:
     """[(|tau| == v).sum() for v in values] (at most two values), int64."""
     counts = torch.zeros(2, dtype=torch.int64)
     if values:
         padded = [*values, values[0]]
-        _lib().count_equal_magnitudes(_ptr(tau), tau.numel(), padded[0], padded[1], _ptr(counts))
+        _lib().count_equal_magnitudes(_ptr(tau), _base(base), tau.numel(), padded[0], padded[1], _ptr(counts))
     return counts[:len(values)]
 
 
@@ -149,11 +198,13 @@ def uniform_fill(key: int, position: int, count: int) -> torch.Tensor:
 PARTIAL_SIZE = 12  # random_kernels.c's canonical partials: 10 digits, the NaN and infinity counts (exact.py)
 
 
-def dare_abs_partials(tau: torch.Tensor, key: int, position: int, density: float) -> torch.Tensor:
+def dare_abs_partials(tau: torch.Tensor, key: int, position: int, density: float,
+                      base: torch.Tensor | None = None) -> torch.Tensor:
     """exact's canonical partials (int64 [2, PARTIAL_SIZE]) of |tau| over all entries and over those whose
-    random number (stream `key`, tau's entry i being number position + i) is < density; at most 2^26 entries."""
+    random number (stream `key`, tau's entry i being number position + i) is < density; at most 2^26 entries.
+    With a bf16 `base`, `tau` is the bf16 model and the task vector is formed as it is read."""
     partials = torch.empty(2, PARTIAL_SIZE, dtype=torch.int64)
-    _lib().dare_abs_partials(_ptr(tau), tau.numel(), key, position, density, _ptr(partials))
+    _lib().dare_abs_partials(_ptr(tau), _base(base), tau.numel(), key, position, density, _ptr(partials))
     return partials
 
 
@@ -169,29 +220,57 @@ class DareDrop:
     divide: bool
 
 
+@dataclass(frozen=True)
+class BandKeep:
+    """The breadcrumbs band as `combine` applies it, per model: keep bottom <= |tau| <= top, then of the entries
+    whose |tau| is an edge value, drop those numbered (in flat order over this piece) outside the edge's
+    [low, high) (`sparsify.BandPlan`)."""
+
+    plans: Sequence[BandPlan]
+
+
 class _Sparsify(ctypes.Structure):
     """kernels.c's Sparsify: how combine sparsifies each tau as it reads it."""
 
     _fields_ = [("thresholds", ctypes.c_void_p), ("keys", ctypes.c_void_p), ("position", ctypes.c_int64),
-                ("density", ctypes.c_float), ("factors", ctypes.c_void_p), ("divide", ctypes.c_int)]
+                ("density", ctypes.c_float), ("factors", ctypes.c_void_p), ("divide", ctypes.c_int),
+                ("band", ctypes.c_void_p), ("edges", ctypes.c_void_p), ("ranges", ctypes.c_void_p)]
 
 
-def combine(taus: Sequence[torch.Tensor], weights: Sequence[float], ties: bool, scale: float,
-            thresholds: Sequence[float] | None = None, dare: DareDrop | None = None) -> torch.Tensor:
+def _band_arrays(band: BandKeep) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparsify's band, edges and ranges (NaN: no edge)."""
+    bounds = np.asarray([(plan.top, plan.bottom) for plan in band.plans], np.float32)
+    edges = np.full((len(band.plans), 2), np.nan, np.float32)
+    ranges = np.zeros((len(band.plans), 2, 2), np.int64)
+    for m, plan in enumerate(band.plans):
+        for e, (value, low, high) in enumerate(plan.edges):
+            edges[m, e], ranges[m, e] = value, (low, high)
+    return bounds, edges, ranges
+
+
+def combine(taus: Sequence[torch.Tensor] | Bf16Sources, weights: Sequence[float], ties: bool, scale: float,
+            thresholds: Sequence[float] | None = None, dare: DareDrop | None = None,
+            band: BandKeep | None = None) -> torch.Tensor:
     """consensus.combine(...) * scale of the taus as given, or sparsified as they are read (one pass): with
     `thresholds`, of [keep_at_least(tau_i, thresholds[i])]; with `dare`, of [sparsify.dare_drop(tau_i, ...)]
-    with uniform = the numbers of stream dare.keys[i] from dare.position."""
-    out = torch.empty_like(taus[0])
-    pointers, models, w, unit = _model_args(taus, weights)
+    with uniform = the numbers of stream dare.keys[i] from dare.position; with `band`, of the breadcrumbs band
+    of each tau_i. Given `Bf16Sources`, each tau_i is formed tile by tile from the bf16 inputs (the same bits as
+    from `bf16_deltas`' task vectors)."""
+    sources = taus if isinstance(taus, Bf16Sources) else None
+    tensors = sources.models if sources is not None else taus
+    out = torch.empty(tensors[0].shape, dtype=torch.float32)
+    pointers, models, w, unit = _model_args(tensors, weights)
     trim = None if thresholds is None else np.asarray(thresholds, np.float32)
     keys = None if dare is None else np.asarray(dare.keys, np.uint64)
     factors = None if dare is None else np.asarray(dare.factors, np.float32)
+    bounds, edges, ranges = (None, None, None) if band is None else _band_arrays(band)
     sparsify = _Sparsify(None if trim is None else _ptr(trim), None if keys is None else _ptr(keys),
                          0 if dare is None else dare.position, 0.0 if dare is None else dare.density,
-                         None if factors is None else _ptr(factors), int(dare is not None and dare.divide))
-    if _lib().combine(pointers, models, _ptr(w), _ptr(unit), ctypes.byref(sparsify), int(ties), scale, out.numel(),
-                      _ptr(out)) != 0:
-        raise MemoryError(f"combine: no memory for the DARE tiles of {models} models")
+                         None if factors is None else _ptr(factors), int(dare is not None and dare.divide),
+                         *(None if a is None else _ptr(a) for a in (bounds, edges, ranges)))
+    if _lib().combine(pointers, None if sources is None else _ptr(sources.base), models, _ptr(w), _ptr(unit),
+                      ctypes.byref(sparsify), int(ties), scale, out.numel(), _ptr(out)) != 0:
+        raise MemoryError(f"combine: no memory for the tiles of {models} models")
     return out
 
 

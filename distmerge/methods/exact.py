@@ -73,14 +73,18 @@ def _partial(magnitudes: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor
     return canonical(units.tolist(), int(nans.sum()), int(infinities.sum()))
 
 
-def dare_abs_partial(x: torch.Tensor, key: int, position: int, density: float) -> torch.Tensor:
+def dare_abs_partial(x: torch.Tensor, key: int, position: int, density: float,
+                     base: torch.Tensor | None = None) -> torch.Tensor:
     """`abs_sum_partial(x, uniform < density)` with uniform = numbers [position, position + x.numel()) of
-    the random stream `key` (rng.py), by the C kernel: the numbers never stored (needs cpu_kernels.enabled)."""
+    the random stream `key` (rng.py), by the C kernel: the numbers never stored (needs cpu_kernels.enabled).
+    With `base`, x and base are bf16 inputs (`Bf16Sources`) and the task vector x - base is formed as read."""
     flat = x.reshape(-1)
+    flat_base = None if base is None else base.reshape(-1)
     total = torch.zeros(2, PARTIAL_SIZE, dtype=torch.int64)
     for start in range(0, flat.numel(), _MAX_ELEMENTS_PER_KERNEL_CALL):
-        total += cpu_kernels.dare_abs_partials(flat[start:start + _MAX_ELEMENTS_PER_KERNEL_CALL], key,
-                                               position + start, density)
+        stop = start + _MAX_ELEMENTS_PER_KERNEL_CALL
+        total += cpu_kernels.dare_abs_partials(flat[start:stop], key, position + start, density,
+                                               None if flat_base is None else flat_base[start:stop])
     return total
 
 

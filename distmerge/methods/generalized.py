@@ -40,32 +40,40 @@ from distmerge.methods.registry import (
 )
 from distmerge.methods.rng import mask_key, uniform_like
 
-Sparsifier = Callable[[torch.Tensor, Any, TensorContext, int], torch.Tensor]
-# A sparsifier that keeps |tau| >= a threshold may also give the threshold (None: it must run itself).
-Threshold = Callable[[torch.Tensor, Any, TensorContext, int], float | None]
-# DARE's drop as the combine kernel applies it, for these inputs.
-Drop = Callable[[MergeInputs, Any, TensorContext], cpu_kernels.DareDrop]
+Sparsifier = Callable[[MergeInputs, Any, TensorContext, int], torch.Tensor]
+# A sparsifier that keeps |tau_i| >= a threshold gives the threshold of model i (None: it keeps every entry).
+Threshold = Callable[[MergeInputs, Any, TensorContext, int], float | None]
+# A random drop or a band as the combine kernel applies it, for these inputs.
+Fused = Callable[[MergeInputs, Any, TensorContext], cpu_kernels.DareDrop | cpu_kernels.BandKeep]
 
 
 def generalized_task_arithmetic(
     inputs: MergeInputs, params: Any, ctx: TensorContext, sparsifier: Sparsifier | None, consensus: Consensus,
-    threshold: Threshold | None = None, drop: Drop | None = None,
+    threshold: Threshold | None = None, fused: Fused | None = None,
 ) -> torch.Tensor:
     """lambda * consensus of the sparsified task vectors (a new fp32 tensor, inputs untouched)."""
-    taus = inputs.deltas
-    if drop is not None and cpu_kernels.enabled(*taus):
-        # The random drop fused into the combine: the same bits, without storing numbers or dropped vectors.
-        return cpu_kernels.combine(taus, inputs.weights, consensus == "ties", params.scale,
-                                   dare=drop(inputs, params, ctx))
-    if threshold is not None and cpu_kernels.enabled(*taus):
-        # The trim fused into the combine: the same bits, without writing the trimmed vectors.
-        thresholds = [threshold(tau, params, ctx, index) for index, tau in enumerate(taus)]
-        if all(t is not None for t in thresholds):
-            return cpu_kernels.combine(taus, inputs.weights, consensus == "ties", params.scale, thresholds)
-    if sparsifier is not None:
-        taus = [sparsifier(tau, params, ctx, index) for index, tau in enumerate(taus)]
+    ties = consensus == "ties"
+    tasks = cpu_kernels.task_sources(inputs)
+    if fused is not None and tasks is not None:
+        # The sparsifier inside the combine: the same bits, without storing random numbers or sparse vectors.
+        how = fused(inputs, params, ctx)
+        kind = "dare" if isinstance(how, cpu_kernels.DareDrop) else "band"
+        return cpu_kernels.combine(tasks, inputs.weights, ties, params.scale, **{kind: how})
+    if threshold is not None:
+        thresholds = [threshold(inputs, params, ctx, index) for index in range(inputs.count)]
+        if tasks is not None and all(t is not None for t in thresholds):
+            # The trim fused into the combine: the same bits, without writing the trimmed vectors.
+            return cpu_kernels.combine(tasks, inputs.weights, ties, params.scale, thresholds)
+        taus = [tau.clone() if t is None else sparsify.keep_above(tau, t)
+                for tau, t in zip(inputs.deltas, thresholds, strict=True)]
+    elif sparsifier is not None:
+        taus = [sparsifier(inputs, params, ctx, index) for index in range(inputs.count)]
+    elif tasks is not None:
+        return cpu_kernels.combine(tasks, inputs.weights, ties, params.scale)
+    else:
+        taus = inputs.deltas
     if cpu_kernels.enabled(*taus):
-        return cpu_kernels.combine(taus, inputs.weights, consensus == "ties", params.scale)
+        return cpu_kernels.combine(taus, inputs.weights, ties, params.scale)
     return combine(consensus, taus, inputs.weights) * params.scale
 
 
@@ -159,17 +167,12 @@ class DellaLinearParams(DellaParams):
 # --- sparsifiers ----------------------------------------------------------------------------------------
 
 
-def _ties_threshold(tau: torch.Tensor, params: TiesParams, ctx: TensorContext, index: int) -> float | None:
+def _ties_threshold(inputs: MergeInputs, params: TiesParams, ctx: TensorContext, index: int) -> float | None:
     """The |tau| TIES keeps at or above; None when it keeps every entry (NaN included)."""
     if params.trim_scope == "global":
         return ties_global.thresholds(ctx.stats)[index]
-    return sparsify.magnitude_topk_threshold(tau, params.density, ties_global.tensor_threshold(ctx.stats, index))
-
-
-def _ties_trim(tau: torch.Tensor, params: TiesParams, ctx: TensorContext, index: int) -> torch.Tensor:
-    # From the same threshold as the trim fused into the combine kernel, so both paths keep the same entries.
-    threshold = _ties_threshold(tau, params, ctx, index)
-    return tau.clone() if threshold is None else sparsify.keep_above(tau, threshold)
+    known = ties_global.tensor_threshold(ctx.stats, index)
+    return known if known is not None else sparsify.magnitude_topk_threshold(inputs.deltas[index], params.density)
 
 
 def _uniform(tau: torch.Tensor, ctx: TensorContext, index: int) -> torch.Tensor:
@@ -179,20 +182,23 @@ def _uniform(tau: torch.Tensor, ctx: TensorContext, index: int) -> torch.Tensor:
 DARE_L1_KEY = "dare_l1_factors"
 
 
-def _dare(tau: torch.Tensor, params: DareParams, ctx: TensorContext, index: int) -> torch.Tensor:
-    factors = ctx.stats.get(DARE_L1_KEY)
+def _dare(inputs: MergeInputs, params: DareParams, ctx: TensorContext, index: int) -> torch.Tensor:
+    tau, factors = inputs.deltas[index], ctx.stats.get(DARE_L1_KEY)
     return sparsify.dare_drop(tau, params.density, params.rescale, _uniform(tau, ctx, index),
                               None if factors is None else factors[index])
 
 
-def _dare_l1_partials(tau: torch.Tensor, params: DareParams, ctx: TensorContext, index: int) -> torch.Tensor:
-    if cpu_kernels.enabled(tau):  # the numbers drawn inside the kernel, never stored
-        return exact.dare_abs_partial(tau, mask_key(ctx.seed, ctx.name, index), ctx.offset, params.density)
+def _dare_l1_partials(inputs: MergeInputs, params: DareParams, ctx: TensorContext, index: int) -> torch.Tensor:
+    taus = cpu_kernels.kernel_taus(inputs)
+    if taus is not None:  # the numbers drawn inside the kernel, never stored
+        key = mask_key(ctx.seed, ctx.name, index)
+        return exact.dare_abs_partial(taus[index].x, key, ctx.offset, params.density, base=taus[index].base)
+    tau = inputs.deltas[index]
     return sparsify.dare_l1_partials(tau, params.density, _uniform(tau, ctx, index))
 
 
 def _dare_drop(inputs: MergeInputs, params: DareParams, ctx: TensorContext) -> cpu_kernels.DareDrop:
-    keys = [mask_key(ctx.seed, ctx.name, index) for index in range(len(inputs.deltas))]
+    keys = [mask_key(ctx.seed, ctx.name, index) for index in range(inputs.count)]
     if params.rescale == "inverse_p":
         return cpu_kernels.DareDrop(keys, ctx.offset, params.density, [params.density] * len(keys), divide=True)
     factors = ctx.stats.get(DARE_L1_KEY)
@@ -202,7 +208,7 @@ def _dare_drop(inputs: MergeInputs, params: DareParams, ctx: TensorContext) -> c
 
 
 def _map_dare_l1(inputs: MergeInputs, params: DareParams, ctx: TensorContext) -> PartialStats:
-    return {"l1": torch.stack([_dare_l1_partials(tau, params, ctx, i) for i, tau in enumerate(inputs.deltas)])}
+    return {"l1": torch.stack([_dare_l1_partials(inputs, params, ctx, i) for i in range(inputs.count)])}
 
 
 def _finalize_dare_l1(summed: PartialStats, params: DareParams) -> dict[str, Any]:
@@ -221,25 +227,37 @@ def _band_ranks(numel: int, params: BreadcrumbsParams) -> list[int]:
     return [first, stop - 1] if first < stop else []
 
 
-def _breadcrumbs(
-    tau: torch.Tensor, params: BreadcrumbsParams, ctx: TensorContext, index: int
-) -> torch.Tensor:
+def _band_plan(inputs: MergeInputs, params: BreadcrumbsParams, ctx: TensorContext, index: int) -> sparsify.BandPlan:
+    """Model `index`'s band over this piece: from the tensor phases' statistics for a row chunk, else from
+    its own task vector (a whole tensor)."""
+    first, stop = sparsify.band_ranks(ctx.numel or inputs.numel, params.density, params.gamma)
+    if first >= stop:
+        return sparsify.KEEP_NOTHING
     if not radix.has_order_statistics(ctx.stats, BAND_KEY):
-        return sparsify.breadcrumbs_band(tau, params.density, params.gamma)
+        bounds = radix.tensor_order_statistics(inputs.deltas[index], [first, stop - 1])
+        return sparsify.band_plan(first, stop, (*bounds,))
     before = ctx.stats.get(BAND_EQUAL_KEY)
-    return sparsify.breadcrumbs_band(tau, params.density, params.gamma, numel=ctx.numel,
-                                     bounds=(*radix.order_statistics(ctx.stats, BAND_KEY)[index],),
-                                     equal_before=(0, 0) if before is None else (*before[index],))
+    return sparsify.band_plan(first, stop, (*radix.order_statistics(ctx.stats, BAND_KEY)[index],),
+                              (0, 0) if before is None else (*before[index],))
+
+
+def _breadcrumbs(inputs: MergeInputs, params: BreadcrumbsParams, ctx: TensorContext, index: int) -> torch.Tensor:
+    return sparsify.apply_band(inputs.deltas[index], _band_plan(inputs, params, ctx, index))
+
+
+def _breadcrumbs_band(inputs: MergeInputs, params: BreadcrumbsParams, ctx: TensorContext) -> cpu_kernels.BandKeep:
+    return cpu_kernels.BandKeep([_band_plan(inputs, params, ctx, index) for index in range(inputs.count)])
 
 
 def _map_band_equal(inputs: MergeInputs, params: BreadcrumbsParams, ctx: TensorContext) -> PartialStats:
     """How many entries of this chunk equal each band bound (a prefix phase: later chunks get the sums)."""
     counts = []
-    for tau, bounds in zip(inputs.deltas, radix.order_statistics(ctx.stats, BAND_KEY), strict=True):
-        if cpu_kernels.enabled(tau):
-            counts.append(cpu_kernels.count_equal_magnitudes(tau, [b.value for b in bounds]))
+    taus = cpu_kernels.kernel_taus(inputs)
+    for m, bounds in enumerate(radix.order_statistics(ctx.stats, BAND_KEY)):
+        if taus is not None:
+            counts.append(cpu_kernels.count_equal_magnitudes(taus[m].x, [b.value for b in bounds], taus[m].base))
             continue
-        magnitudes = tau.abs()
+        magnitudes = inputs.deltas[m].abs()
         counts.append(torch.tensor([int((magnitudes == b.value).sum()) for b in bounds], dtype=torch.int64))
     return {"equal": torch.stack(counts)}
 
@@ -254,7 +272,8 @@ BAND_PHASES = (
 )
 
 
-def _della(tau: torch.Tensor, params: DellaParams, ctx: TensorContext, index: int) -> torch.Tensor:
+def _della(inputs: MergeInputs, params: DellaParams, ctx: TensorContext, index: int) -> torch.Tensor:
+    tau = inputs.deltas[index]
     return sparsify.della_drop(tau, params.density, params.epsilon, _uniform(tau, ctx, index))
 
 
@@ -270,10 +289,10 @@ def _register_variant(
     chunking: str = "elements",
     tensor_phases=lambda params: (),
     threshold: Threshold | None = None,
-    drop: Drop | None = None,
+    fused: Fused | None = None,
 ) -> None:
     def merge(inputs: MergeInputs, params: Any, ctx: TensorContext) -> torch.Tensor:
-        return generalized_task_arithmetic(inputs, params, ctx, sparsifier, consensus, threshold, drop)
+        return generalized_task_arithmetic(inputs, params, ctx, sparsifier, consensus, threshold, fused)
 
     name = params_model.method_name
     register(MergeMethod(name, params_model, merge, stats_phases=stats_phases, doc=doc,
@@ -287,7 +306,7 @@ def _dare_phases(params: DareParams) -> tuple[StatsPhase, ...]:
 _register_variant(TaskArithmeticParams, None, "sum", "lambda * sum_i w_i tau_i.")
 _register_variant(
     TiesParams,
-    _ties_trim,
+    None,
     "ties",
     "TIES (arXiv 2306.01708): top-k trim by |tau|, sign election, disjoint weighted mean, times lambda.",
     stats_phases=ties_global.GLOBAL_TRIM_PHASES,
@@ -296,22 +315,22 @@ _register_variant(
 )
 _register_variant(
     DareLinearParams, _dare, "sum", "DARE (arXiv 2311.03099) random drop and rescale, weighted sum.",
-    tensor_phases=_dare_phases, drop=_dare_drop,
+    tensor_phases=_dare_phases, fused=_dare_drop,
 )
 _register_variant(
     DareTiesParams, _dare, "ties", "DARE random drop and rescale, TIES sign election + disjoint mean.",
-    tensor_phases=_dare_phases, drop=_dare_drop,
+    tensor_phases=_dare_phases, fused=_dare_drop,
 )
 _register_variant(
     BreadcrumbsParams,
     _breadcrumbs,
     "sum",
     "Model breadcrumbs (arXiv 2312.06795): drop outliers and small entries, sum.",
-    tensor_phases=lambda params: BAND_PHASES,
+    tensor_phases=lambda params: BAND_PHASES, fused=_breadcrumbs_band,
 )
 _register_variant(
     BreadcrumbsTiesParams, _breadcrumbs, "ties", "Breadcrumbs band, TIES sign election + disjoint mean.",
-    tensor_phases=lambda params: BAND_PHASES,
+    tensor_phases=lambda params: BAND_PHASES, fused=_breadcrumbs_band,
 )
 _register_variant(
     DellaParams,

@@ -31,30 +31,46 @@ HOT void bf16_deltas(const uint16_t *base, const uint16_t *const *models, int64_
 /* (delta + target).to(bfloat16) as torch computes it: the fp32 sum rounded to nearest even (overflow to
  * infinity, subnormals kept), NaN as 0xFFFF (torch's vector conversion). The executor's last step: one pass
  * instead of an add and a conversion over the merged tensor. */
-HOT void add_to_bf16(const float *delta, const float *target, int64_t n, uint16_t *out) {
-    for (int64_t i = 0; i < n; i++) {
-        union { float f; uint32_t u; } v = {delta[i] + target[i]};
-        uint16_t rounded = (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
-        out[i] = v.f != v.f ? 0xFFFF : rounded;
-    }
+static inline uint16_t round_bf16(float x) {
+    union { float f; uint32_t u; } v = {x};
+    uint16_t rounded = (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+    return v.f != v.f ? 0xFFFF : rounded;
 }
 
-/* Adds to `histogram` (65536) the counts of the upper 16 bits of |x|. Zeros (most of a sparse RL vector)
- * would chain every increment of bin 0 on the previous one through memory (~2x slower). When the first
- * entries are mostly zeros, a loop counts zeros in a register behind a branch (well predicted there; on
- * dense input the branch-free loop is faster). */
-HOT void high_histogram(const int32_t *bits, int64_t n, int64_t *histogram) {
-    int64_t sample = n < 4096 ? n : 4096, zeros = 0;
-    for (int64_t i = 0; i < sample; i++) zeros += (bits[i] & ABS_MASK) == 0;
-    if (2 * zeros < sample) {
-        for (int64_t i = 0; i < n; i++) histogram[(bits[i] & ABS_MASK) >> 16]++;
-        return;
-    }
-    zeros = 0;
-    for (int64_t i = 0; i < n; i++) {
-        int32_t bin = (bits[i] & ABS_MASK) >> 16;
-        if (bin) histogram[bin]++;
-        else zeros++;
+HOT void add_to_bf16(const float *delta, const float *target, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = round_bf16(delta[i] + target[i]);
+}
+
+/* add_to_bf16 with a bf16 target, widened as it is read: the same bits as with target.float(). */
+HOT void add_to_bf16_target(const float *delta, const uint16_t *target, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = round_bf16(delta[i] + bf16_value(target[i]));
+}
+
+/* Adds to `histogram` (65536) the counts of the upper 16 bits of |tau| (x and base as tau_tile takes them).
+ * Zeros (most of a sparse RL vector) would chain every increment of bin 0 on the previous one through memory
+ * (~2x slower). When the first tile is mostly zeros, a loop counts zeros in a register behind a branch (well
+ * predicted there; on dense input the branch-free loop is faster). */
+HOT void high_histogram(const void *x, const uint16_t *base, int64_t n, int64_t *histogram) {
+    float staged[TILE];
+    int64_t zeros = 0;
+    int sparse = -1;
+    for (int64_t start = 0; start < n; start += TILE) {
+        const int64_t len = n - start < TILE ? n - start : TILE;
+        const int32_t *bits = tau_tile(x, base, start, len, staged);
+        if (sparse < 0) {
+            int64_t first_zeros = 0;
+            for (int64_t i = 0; i < len; i++) first_zeros += (bits[i] & ABS_MASK) == 0;
+            sparse = 2 * first_zeros >= len;
+        }
+        if (!sparse) {
+            for (int64_t i = 0; i < len; i++) histogram[(bits[i] & ABS_MASK) >> 16]++;
+            continue;
+        }
+        for (int64_t i = 0; i < len; i++) {
+            int32_t bin = (bits[i] & ABS_MASK) >> 16;
+            if (bin) histogram[bin]++;
+            else zeros++;
+        }
     }
     histogram[0] += zeros;
 }
@@ -97,14 +113,20 @@ static inline __attribute__((always_inline)) void bins_walk(const int32_t *bits,
     }
 }
 
-static inline __attribute__((always_inline)) void bins_histogram(const int32_t *bits, int64_t n, const int32_t *bins,
-                                                                 int nb, int64_t *in_bins, int64_t *above) {
-    int64_t over[2] = {0, 0}, starts[2] = {0, 0}, wrapped = 0, start = 0;
-    for (; start + SCAN <= n; start += SCAN)
-        if (bins_scan(bits + start, SCAN, bins, nb, over, starts, &wrapped))
-            bins_walk(bits + start, SCAN, bins, nb, in_bins);
-    if (bins_scan(bits + start, n - start, bins, nb, over, starts, &wrapped))
-        bins_walk(bits + start, n - start, bins, nb, in_bins);
+static inline __attribute__((always_inline)) void bins_histogram(const void *x, const uint16_t *base, int64_t n,
+                                                                 const int32_t *bins, int nb, int64_t *in_bins,
+                                                                 int64_t *above) {
+    int64_t over[2] = {0, 0}, starts[2] = {0, 0}, wrapped = 0;
+    float staged[TILE];
+    for (int64_t start = 0; start < n; start += TILE) {
+        const int64_t len = n - start < TILE ? n - start : TILE;
+        const int32_t *bits = tau_tile(x, base, start, len, staged);
+        for (int64_t span = 0; span < len; span += SCAN) {
+            const int64_t count = len - span < SCAN ? len - span : SCAN;
+            if (bins_scan(bits + span, count, bins, nb, over, starts, &wrapped))
+                bins_walk(bits + span, count, bins, nb, in_bins);
+        }
+    }
     for (int r = 0; r < nb; r++) {
         in_bins[r * NUM_BINS] += starts[r];
         above[r] = over[r] - (bins[r] == 0 ? wrapped : 0);
@@ -113,21 +135,21 @@ static inline __attribute__((always_inline)) void bins_histogram(const int32_t *
 
 /* Adds to `in_bin` (65536) the histogram of the low 16 bits of the entries whose upper 16 bits are high_bin
  * and returns how many entries lie above that bin (see bins_histogram). */
-HOT int64_t bin_histogram(const int32_t *bits, int64_t n, int64_t high_bin, int64_t *in_bin) {
+HOT int64_t bin_histogram(const void *x, const uint16_t *base, int64_t n, int64_t high_bin, int64_t *in_bin) {
     const int32_t bins[1] = {(int32_t)high_bin};
     int64_t above[1];
-    bins_histogram(bits, n, bins, 1, in_bin, above);
+    bins_histogram(x, base, n, bins, 1, in_bin, above);
     return above[0];
 }
 
 /* bin_histogram for two bins in one pass over the entries (two order statistics of one tensor, such as
  * breadcrumbs' band edges): `in_bins` holds the two histograms one after the other; the two counts are added
  * to `above`. */
-HOT void bin_histogram_pair(const int32_t *bits, int64_t n, int64_t bin_a, int64_t bin_b, int64_t *in_bins,
-                            int64_t *above) {
+HOT void bin_histogram_pair(const void *x, const uint16_t *base, int64_t n, int64_t bin_a, int64_t bin_b,
+                            int64_t *in_bins, int64_t *above) {
     const int32_t bins[2] = {(int32_t)bin_a, (int32_t)bin_b};
     int64_t counts[2];
-    bins_histogram(bits, n, bins, 2, in_bins, counts);
+    bins_histogram(x, base, n, bins, 2, in_bins, counts);
     above[0] += counts[0];
     above[1] += counts[1];
 }
@@ -143,12 +165,18 @@ HOT void keep_band(const float *x, int64_t n, float top, float bottom, float *ou
     }
 }
 
-HOT void count_equal_magnitudes(const float *x, int64_t n, float first, float second, int64_t *counts) {
+HOT void count_equal_magnitudes(const void *x, const uint16_t *base, int64_t n, float first, float second,
+                                int64_t *counts) {
+    float staged[TILE];
     int64_t a = 0, b = 0;
-    for (int64_t i = 0; i < n; i++) {
-        float m = fabs_bits(x[i]);
-        a += m == first;
-        b += m == second;
+    for (int64_t start = 0; start < n; start += TILE) {
+        const int64_t len = n - start < TILE ? n - start : TILE;
+        const int32_t *bits = tau_tile(x, base, start, len, staged);
+        for (int64_t i = 0; i < len; i++) {
+            union { int32_t i; float f; } m = {bits[i] & ABS_MASK};
+            a += m.f == first;
+            b += m.f == second;
+        }
     }
     counts[0] = a;
     counts[1] = b;
@@ -159,8 +187,9 @@ HOT void count_equal_magnitudes(const float *x, int64_t n, float first, float se
  * entries numbered inside [low, high), leaves it; all outside zeroes them with a vectorized select; only a
  * span across low or high is walked one entry at a time (the count makes that walk serial). A band edge of a
  * bf16 task vector can have 5% of the entries equal to it: most spans hold one, few straddle. */
-HOT void drop_equal_outside(float *out, const float *x, int64_t n, float value, int64_t low, int64_t high) {
-    int64_t seen = 0;
+static inline __attribute__((always_inline)) int64_t drop_equal_numbered(float *out, const float *x, int64_t n,
+                                                                           float value, int64_t low, int64_t high,
+                                                                           int64_t seen) {
     for (int64_t start = 0; start < n; start += SCAN) {
         const int64_t end = start + SCAN < n ? start + SCAN : n;
         int32_t count = 0;
@@ -179,6 +208,11 @@ HOT void drop_equal_outside(float *out, const float *x, int64_t n, float value, 
         }
         seen += count;
     }
+    return seen;  /* the equal entries numbered so far: where the next span's numbering goes on */
+}
+
+HOT void drop_equal_outside(float *out, const float *x, int64_t n, float value, int64_t low, int64_t high) {
+    drop_equal_numbered(out, x, n, value, low, high, 0);
 }
 
 /* keep_at_least's value of one entry: itself where |v| >= threshold, else +0.0 (NaN is dropped). */
@@ -186,7 +220,8 @@ static inline float trim_entry(float v, int trim, float threshold) {
     return trim && !(fabs_bits(v) >= threshold) ? 0.0f : v;
 }
 
-/* How combine sparsifies each tau as it reads it: nothing, TIES's trim, or DARE's random drop. */
+/* How combine sparsifies each tau as it reads it: nothing, TIES's trim, DARE's random drop or the breadcrumbs
+ * band. */
 typedef struct {
     const float *thresholds; /* trim: keep_at_least(tau_m, thresholds[m]); NULL: no trim */
     const uint64_t *keys;    /* DARE: stream keys[m] decides the drop (uniform < density); NULL: no drop */
@@ -194,7 +229,29 @@ typedef struct {
     float density;
     const float *factors;    /* survivors * factors[m], or / factors[m] when divide (inverse_p: the density) */
     int divide;
+    /* band: keep band[2m + 1] <= |tau_m| <= band[2m] (NULL: no band); then of the entries whose |tau_m| is
+     * edges[2m + e] (NaN: none), those numbered outside ranges[4m + 2e], ranges[4m + 2e + 1]) in flat order
+     * are dropped (sparsify.breadcrumbs_band's tie-breaking, by drop_equal_numbered). */
+    const float *band;
+    const float *edges;
+    const int64_t *ranges;
 } Sparsify;
+
+/* The band's value of one tile of tau_m in `out` (which may be t itself); seen[2m + e] counts the entries
+ * equal to each edge so far. */
+static inline void band_tile(const float *t, const Sparsify *s, int64_t m, int64_t len, float *out, int64_t *seen) {
+    const float top = s->band[2 * m], bottom = s->band[2 * m + 1];
+    for (int64_t i = 0; i < len; i++) {
+        float v = t[i], a = fabs_bits(v);
+        out[i] = (a <= top && a >= bottom) ? v : 0.0f;
+    }
+    for (int e = 0; e < 2; e++) {
+        const float value = s->edges[2 * m + e];
+        const int64_t *range = s->ranges + 4 * m + 2 * e;
+        /* An edge is kept whole by the band, so `out` still holds its entries: the numbering reads it. */
+        if (value == value) seen[2 * m + e] = drop_equal_numbered(out, out, len, value, range[0], range[1], seen[2 * m + e]);
+    }
+}
 
 /* DARE's value of one tile of tau_m in `out`: sparsify.dare_drop's bits ((u < d ? x : +0.0) * f or / f). */
 static inline void dare_tile(const float *t, const Sparsify *s, int64_t m, int64_t start, int64_t len,
@@ -208,21 +265,33 @@ static inline void dare_tile(const float *t, const Sparsify *s, int64_t m, int64
 
 /* consensus.combine(...) * scale: weighted sum ('sum') or TIES sign election + disjoint mean ('ties').
  * The first model is always multiplied by its weight (as weighted_sum does); later ones only when their
- * weight is not 1 (unit[m] == 0). Each tau is first sparsified as `s` says, entry by entry as it is read (a
- * DARE tile once, into `dropped`): the bits of combining the sparsified tensors (keep_at_least's, dare's)
- * without writing and reading them back. Returns 1 when the DARE tiles find no memory, else 0. */
-HOT_WIDE int combine(const float *const *taus, int64_t models, const float *weights, const uint8_t *unit,
-                const Sparsify *s, int ties, float scale, int64_t n, float *out) {
-    const int trim = s->thresholds != NULL, drop = s->keys != NULL;
+ * weight is not 1 (unit[m] == 0). taus[m] is tau_m in fp32, or with `base`, model m in bf16: its tau is then
+ * formed tile by tile (bf16_tau_tile), never stored whole. Each tau is sparsified as `s` says, entry by entry as
+ * it is read (a DARE or band tile once, into `tiles`): the bits of combining the sparsified tensors
+ * (keep_at_least's, dare's, the band's) without writing and reading them back. Returns 1 when the tiles find
+ * no memory, else 0. */
+HOT_WIDE int combine(const void *const *taus, const uint16_t *base, int64_t models, const float *weights,
+                     const uint8_t *unit, const Sparsify *s, int ties, float scale, int64_t n, float *out) {
+    const int trim = s->thresholds != NULL, drop = s->keys != NULL, band = s->band != NULL;
+    const int staged = drop || band || base != NULL;
     float total[TILE], denominator[TILE];
-    float *dropped = drop ? malloc(sizeof(float) * TILE * models) : NULL;
-    if (drop && dropped == NULL) return 1;
+    float *tiles = staged ? malloc(sizeof(float) * TILE * models) : NULL;
+    int64_t *seen = band ? calloc(2 * models, sizeof(int64_t)) : NULL;
+    if ((staged && tiles == NULL) || (band && seen == NULL)) {
+        free(tiles);
+        return 1;
+    }
     float min_weight = weights[0];
     for (int64_t m = 1; m < models; m++) min_weight = weights[m] < min_weight ? weights[m] : min_weight;
     for (int64_t start = 0; start < n; start += TILE) {
         int64_t len = n - start < TILE ? n - start : TILE;
-        if (drop) for (int64_t m = 0; m < models; m++) dare_tile(taus[m] + start, s, m, start, len, dropped + m * TILE);
-#define TAU(m) (drop ? dropped + (m) * TILE : taus[m] + start)
+        if (base != NULL) for (int64_t m = 0; m < models; m++) bf16_tau_tile(taus[m], base, start, len, tiles + m * TILE);
+        if (drop || band) for (int64_t m = 0; m < models; m++) {
+            const float *t = base != NULL ? tiles + m * TILE : (const float *)taus[m] + start;
+            if (drop) dare_tile(t, s, m, start, len, tiles + m * TILE);
+            else band_tile(t, s, m, len, tiles + m * TILE, seen);
+        }
+#define TAU(m) (staged ? tiles + (m) * TILE : (const float *)taus[m] + start)
         const float *first = TAU(0);
         const float th0 = trim ? s->thresholds[0] : 0.0f;
         for (int64_t i = 0; i < len; i++) total[i] = trim_entry(first[i], trim, th0) * weights[0];
@@ -261,7 +330,8 @@ HOT_WIDE int combine(const float *const *taus, int64_t models, const float *weig
                 o[i] = (denominator[i] == 0.0f ? 0.0f : o[i] / denominator[i]) * scale;
         }
     }
-    free(dropped);
+    free(tiles);
+    free(seen);
     return 0;
 }
 

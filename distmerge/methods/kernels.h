@@ -33,6 +33,23 @@ static inline float bf16_value(uint16_t b) {
     return v.f;
 }
 
+/* out[0, len) = model[start + i].float() - base[start + i].float(): a tile of a task vector from bf16 inputs,
+ * the bits of bf16_deltas' (both widenings exact, one fp32 subtraction). */
+static inline __attribute__((always_inline)) void bf16_tau_tile(const void *model, const uint16_t *base,
+                                                                int64_t start, int64_t len, float *out) {
+    const uint16_t *x = (const uint16_t *)model + start, *b = base + start;
+    for (int64_t i = 0; i < len; i++) out[i] = bf16_value(x[i]) - bf16_value(b[i]);
+}
+
+/* The entries [start, start + len) of a task vector as fp32 bit patterns: x's own (x is tau in fp32), or with
+ * `base` (x is the bf16 model) formed into `staged`. Kernels over one task vector take it this way. */
+static inline __attribute__((always_inline)) const int32_t *tau_tile(const void *x, const uint16_t *base,
+                                                                     int64_t start, int64_t len, float *staged) {
+    if (base == NULL) return (const int32_t *)x + start;
+    bf16_tau_tile(x, base, start, len, staged);
+    return (const int32_t *)staged;
+}
+
 /* --- counter-based random numbers (see rng.py) ----------------------------------------------------------
  * Number j of the stream with key k: the 64-bit word mix(k + (j / 2 + 1) * GAMMA) (SplitMix64's output
  * function on a Weyl sequence), low 32 bits for even j, high 32 for odd j; the number is (word >> 8) * 2^-24,

@@ -102,10 +102,15 @@ def order_statistic_phases(key: str, ranks: Ranks,
     # per-chunk tensors to allocate, stack and sum.
     def map_high(inputs: MergeInputs, params: Any, ctx: TensorContext, into: PartialStats | None = None) -> PartialStats:
         if into is None:
-            into = {"high": torch.zeros(len(inputs.deltas), NUM_BINS, dtype=torch.int64), "numel": _numel(0)}
-        for tau, row in zip(inputs.deltas, into["high"], strict=True):
-            _add_high_histogram(tau, row)
-        into["numel"] += inputs.base.numel()
+            into = {"high": torch.zeros(inputs.count, NUM_BINS, dtype=torch.int64), "numel": _numel(0)}
+        taus = cpu_kernels.kernel_taus(inputs)  # bf16 inputs are read as they are
+        if taus is not None:
+            for tau, row in zip(taus, into["high"], strict=True):
+                cpu_kernels.add_high_histogram(tau.x, row, tau.base)
+        else:
+            for tau, row in zip(inputs.deltas, into["high"], strict=True):
+                _add_high_histogram(tau, row)
+        into["numel"] += inputs.numel
         return into
 
     def finalize_high(summed: PartialStats, params: Any) -> dict[str, Any]:
@@ -115,16 +120,20 @@ def order_statistic_phases(key: str, ranks: Ranks,
     def map_low(inputs: MergeInputs, params: Any, ctx: TensorContext, into: PartialStats | None = None) -> PartialStats:
         bins = ctx.stats[high_key]
         if into is None:
-            low = torch.zeros(len(inputs.deltas), len(bins[0]) if bins else 0, NUM_BINS, dtype=torch.int64)
+            low = torch.zeros(inputs.count, len(bins[0]) if bins else 0, NUM_BINS, dtype=torch.int64)
             into = {"low": low, "above": torch.zeros(low.shape[:2], dtype=torch.int64), "numel": _numel(0)}
         low, above = into["low"], into["above"]
-        for m, (tau, model_bins) in enumerate(zip(inputs.deltas, bins, strict=True)):
-            if len(model_bins) == 2 and cpu_kernels.enabled(tau):  # two bins, one pass over tau
-                cpu_kernels.add_bin_histogram_pair(tau, model_bins, low[m], above[m])
-                continue
-            for r, high_bin in enumerate(model_bins):
-                above[m, r] += _add_bin_histogram(tau, high_bin, low[m, r])
-        into["numel"] += inputs.base.numel()
+        taus = cpu_kernels.kernel_taus(inputs)  # bf16 inputs are read as they are
+        for m, model_bins in enumerate(bins):
+            if taus is None:
+                for r, high_bin in enumerate(model_bins):
+                    above[m, r] += _add_bin_histogram(inputs.deltas[m], high_bin, low[m, r])
+            elif len(model_bins) == 2:  # two bins, one pass over tau
+                cpu_kernels.add_bin_histogram_pair(taus[m].x, model_bins, low[m], above[m], taus[m].base)
+            else:
+                for r, high_bin in enumerate(model_bins):
+                    above[m, r] += cpu_kernels.add_bin_histogram(taus[m].x, high_bin, low[m, r], taus[m].base)
+        into["numel"] += inputs.numel
         return into
 
     def finalize_low(summed: PartialStats, params: Any) -> dict[str, Any]:

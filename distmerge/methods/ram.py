@@ -141,7 +141,7 @@ def _merge(inputs: MergeInputs, epsilon: float, unique_scales: Sequence[float]) 
 
 
 def ram(inputs: MergeInputs, params: RamParams, ctx: TensorContext) -> torch.Tensor:
-    return _merge(inputs, params.epsilon, [1.0] * len(inputs.deltas))
+    return _merge(inputs, params.epsilon, [1.0] * inputs.count)
 
 
 def _map_overlap(inputs: MergeInputs, params: RamPlusParams, ctx: TensorContext) -> PartialStats:

@@ -71,41 +71,49 @@ static void walk_tile(const uint32_t *bits, const float *u, int64_t len, float d
     }
 }
 
-HOT_WIDE void dare_abs_partials(const float *x, int64_t n, uint64_t key, int64_t position, float density,
-                              int64_t *partials) {
+/* Adds one tile of entries (their fp32 bit patterns, numbers u) to the slots, as described above. */
+static inline __attribute__((always_inline)) void abs_partials_tile(const uint32_t *bits, const float *u,
+                                                                    int64_t len, float density, int64_t *units) {
+    uint32_t largest = 0;
+    for (int64_t i = 0; i < len; i++) {
+        uint32_t a = bits[i] & ABS_MASK;
+        largest = a > largest ? a : largest;
+    }
+    const int64_t top = largest >> 23;
+    if (top == 255) {  /* NaN or infinity: every entry one by one, none in a window */
+        walk_tile(bits, u, len, density, 256, units);
+        return;
+    }
+    const int64_t base = top - WINDOW + 1 > 1 ? top - WINDOW + 1 : 1;
+    uint64_t all = 0, kept = 0;
+    int32_t below = 0;
+    for (int64_t i = 0; i < len; i++) {
+        const uint32_t a = bits[i] & ABS_MASK, e = a >> 23;
+        const uint32_t m = (a & 0x7FFFFF) | (e ? 0x800000 : 0);
+        const int32_t shift = (int32_t)(e > 1 ? e : 1) - (int32_t)base;
+        const uint64_t v = shift >= 0 ? (uint64_t)m << (shift & 63) : 0;
+        below |= (shift < 0) & (m != 0);
+        all += v;
+        kept += u[i] < density ? v : 0;
+    }
+    units[base] += all & 0xFFFFFFFF;
+    units[base + 32] += all >> 32;
+    units[DARE_SLOTS + base] += kept & 0xFFFFFFFF;
+    units[DARE_SLOTS + base + 32] += kept >> 32;
+    if (below) walk_tile(bits, u, len, density, base, units);
+}
+
+/* x is tau in fp32, or with `base`, the model in bf16 (its tau formed tile by tile, as combine does). */
+HOT_WIDE void dare_abs_partials(const void *x, const uint16_t *base, int64_t n, uint64_t key, int64_t position,
+                                float density, int64_t *partials) {
     int64_t units[2 * DARE_SLOTS] = {0};
-    float u[TILE];
+    float u[TILE], tau[TILE];
     for (int64_t start = 0; start < n; start += TILE) {
         const int64_t len = n - start < TILE ? n - start : TILE;
-        const uint32_t *bits = (const uint32_t *)x + start;
         tile_uniform(key, position + start, len, u);
-        uint32_t largest = 0;
-        for (int64_t i = 0; i < len; i++) {
-            uint32_t a = bits[i] & ABS_MASK;
-            largest = a > largest ? a : largest;
-        }
-        const int64_t top = largest >> 23;
-        if (top == 255) {  /* NaN or infinity: every entry one by one, none in a window */
-            walk_tile(bits, u, len, density, 256, units);
-            continue;
-        }
-        const int64_t base = top - WINDOW + 1 > 1 ? top - WINDOW + 1 : 1;
-        uint64_t all = 0, kept = 0;
-        int32_t below = 0;
-        for (int64_t i = 0; i < len; i++) {
-            const uint32_t a = bits[i] & ABS_MASK, e = a >> 23;
-            const uint32_t m = (a & 0x7FFFFF) | (e ? 0x800000 : 0);
-            const int32_t shift = (int32_t)(e > 1 ? e : 1) - (int32_t)base;
-            const uint64_t v = shift >= 0 ? (uint64_t)m << (shift & 63) : 0;
-            below |= (shift < 0) & (m != 0);
-            all += v;
-            kept += u[i] < density ? v : 0;
-        }
-        units[base] += all & 0xFFFFFFFF;
-        units[base + 32] += all >> 32;
-        units[DARE_SLOTS + base] += kept & 0xFFFFFFFF;
-        units[DARE_SLOTS + base + 32] += kept >> 32;
-        if (below) walk_tile(bits, u, len, density, base, units);
+        if (base != NULL) bf16_tau_tile(x, base, start, len, tau);
+        const uint32_t *bits = base != NULL ? (const uint32_t *)tau : (const uint32_t *)x + start;
+        abs_partials_tile(bits, u, len, density, units);
     }
     canonical_partial(units, partials);
     canonical_partial(units + DARE_SLOTS, partials + PARTIAL_SIZE);

@@ -33,12 +33,53 @@ class MethodParams(BaseModel):
 
 
 @dataclass(frozen=True)
-class MergeInputs:
-    """One tensor's inputs, fp32: base theta_0, task vectors tau_i, per-model weights w_i."""
+class Bf16Sources:
+    """A tensor's inputs as read, all bf16 of one shape, contiguous on CPU: tau_i = models[i] - base in fp32."""
 
     base: torch.Tensor
-    deltas: list[torch.Tensor]
-    weights: list[float]
+    models: list[torch.Tensor]
+
+
+class MergeInputs:
+    """One tensor's inputs, fp32: base theta_0, task vectors tau_i, per-model weights w_i.
+
+    Built `from_bf16`, theta_0 and the tau_i are formed on first use: a kernel that forms each tile of a task
+    vector as it reads the bf16 inputs (`bf16`) skips writing fp32 copies of every input and reading them back.
+    """
+
+    def __init__(self, base: torch.Tensor | None, deltas: list[torch.Tensor] | None, weights: list[float],
+                 bf16: Bf16Sources | None = None,
+                 widen: Callable[[Bf16Sources], tuple[torch.Tensor, list[torch.Tensor]]] | None = None):
+        self._base, self._deltas, self.weights, self.bf16, self._widen = base, deltas, weights, bf16, widen
+
+    @classmethod
+    def from_bf16(cls, sources: Bf16Sources, weights: list[float],
+                  widen: Callable[[Bf16Sources], tuple[torch.Tensor, list[torch.Tensor]]]) -> MergeInputs:
+        """Inputs whose fp32 forms `widen(sources)` gives (theta_0, [tau_i]) when first asked for."""
+        return cls(None, None, weights, sources, widen)
+
+    def _formed(self) -> None:
+        if self._deltas is None:
+            self._base, self._deltas = self._widen(self.bf16)
+
+    @property
+    def base(self) -> torch.Tensor:
+        self._formed()
+        return self._base
+
+    @property
+    def deltas(self) -> list[torch.Tensor]:
+        self._formed()
+        return self._deltas
+
+    @property
+    def count(self) -> int:
+        """How many task vectors (without forming them)."""
+        return len(self.weights)
+
+    @property
+    def numel(self) -> int:
+        return (self.bf16.base if self._deltas is None else self._base).numel()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ Tie rules, chosen so results never depend on the device, on sort internals or on
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -99,6 +101,56 @@ def band_ranks(numel: int, density: float, gamma: float) -> tuple[int, int]:
     return num_top, numel - num_bottom
 
 
+@dataclass(frozen=True)
+class BandPlan:
+    """What breadcrumbs keeps of one task vector (or a row chunk of one): bottom <= |tau| <= top, except that of
+    the entries whose |tau| is an edge's value, only those numbered (in flat order over the piece) in the
+    edge's [low, high) are kept."""
+
+    top: float
+    bottom: float
+    edges: tuple[tuple[float, int, int], ...] = ()
+
+
+KEEP_NOTHING = BandPlan(-math.inf, math.inf)
+
+
+def band_plan(first: int, stop: int, bounds: tuple[OrderStatistic, OrderStatistic],
+              equal_before: tuple[int, int] = (0, 0)) -> BandPlan:
+    """The plan that keeps descending ranks [first, stop) (`band_ranks`, first < stop), from the order
+    statistics at ranks first and stop - 1 and how many entries equal to each precede the piece."""
+    top, bottom = bounds
+    distinct = [(top, equal_before[0])] + ([(bottom, equal_before[1])] if bottom.value != top.value else [])
+    edges = []
+    for bound, before in distinct:
+        if bound.value == 0.0:
+            continue  # zeros contribute nothing, kept or dropped: no tie to break
+        # The equal entries have ranks bound.greater + before + (their index among the equal ones here):
+        # those outside [first, stop) are dropped.
+        low, high = first - bound.greater - before, stop - bound.greater - before
+        if low <= 0 and high >= bound.equal - before:
+            continue  # every equal entry here is inside the band
+        edges.append((bound.value, low, high))
+    return BandPlan(top.value, bottom.value, tuple(edges))
+
+
+def apply_band(tau: torch.Tensor, plan: BandPlan) -> torch.Tensor:
+    """tau with the entries outside `plan` set to +0.0 (as `keep` drops)."""
+    if cpu_kernels.enabled(tau):
+        out = cpu_kernels.keep_band(tau, plan.top, plan.bottom)
+    else:
+        magnitudes = tau.abs()
+        out = keep((magnitudes <= plan.top) & (magnitudes >= plan.bottom), tau)
+    for value, low, high in plan.edges:
+        if cpu_kernels.enabled(tau, out):
+            cpu_kernels.drop_equal_outside(out, tau, value, low, high)
+            continue
+        positions = (tau.abs() == value).flatten().nonzero().squeeze(1)
+        dropped = torch.cat([positions[:max(low, 0)], positions[max(high, 0):]])
+        out.view(-1)[dropped] = 0.0
+    return out
+
+
 def breadcrumbs_band(tau: torch.Tensor, density: float, gamma: float, *, numel: int | None = None,
                      bounds: tuple[OrderStatistic, OrderStatistic] | None = None,
                      equal_before: tuple[int, int] = (0, 0)) -> torch.Tensor:
@@ -115,28 +167,7 @@ def breadcrumbs_band(tau: torch.Tensor, density: float, gamma: float, *, numel: 
         return torch.zeros_like(tau)
     if bounds is None:
         bounds = (*tensor_order_statistics(tau, [first, stop - 1]),)
-    top, bottom = bounds
-    if cpu_kernels.enabled(tau):
-        out = cpu_kernels.keep_band(tau, top.value, bottom.value)
-    else:
-        magnitudes = tau.abs()
-        out = keep((magnitudes <= top.value) & (magnitudes >= bottom.value), tau)
-    distinct = [(top, equal_before[0])] + ([(bottom, equal_before[1])] if bottom.value != top.value else [])
-    for bound, before in distinct:
-        if bound.value == 0.0:
-            continue  # zeros contribute nothing, kept or dropped: no tie to break
-        # The equal entries have ranks bound.greater + before + (their index among the equal ones here):
-        # those outside [first, stop) are dropped (set to +0.0, as `keep` drops).
-        low, high = first - bound.greater - before, stop - bound.greater - before
-        if low <= 0 and high >= bound.equal - before:
-            continue  # every equal entry here is inside the band
-        if cpu_kernels.enabled(tau, out):
-            cpu_kernels.drop_equal_outside(out, tau, bound.value, low, high)
-            continue
-        positions = (tau.abs() == bound.value).flatten().nonzero().squeeze(1)
-        dropped = torch.cat([positions[:max(low, 0)], positions[max(high, 0):]])
-        out.view(-1)[dropped] = 0.0
-    return out
+    return apply_band(tau, band_plan(first, stop, bounds, equal_before))
 
 
 def _row_order(tau: torch.Tensor) -> torch.Tensor:
