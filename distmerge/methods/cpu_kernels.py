@@ -2,10 +2,11 @@
 
 A TIES merge in torch ops makes ~30 passes over memory per element (abs, compare, mask to int, select, scale,
 add, sign, ...), each allocating a tensor; on CPU the merge is bound by those passes, not by arithmetic. Each
-kernel (`kernels.c`, `random_kernels.c`, built by `native`) does one or a few vectorized passes with the same float32 operations
-in the same order, so its result is the torch path's to the bit (tests/test_cpu_kernels.py compares them on
-adversarial inputs: ties, zeros, -0.0, NaN, weights != 1), except the sign of a NaN that an operation
-creates (inf - inf), which IEEE leaves open. The torch code stays the reference and runs everywhere else:
+kernel (`kernels.c`, `*_kernels.c`, built by `native`) does one or a few vectorized passes with the same float32
+operations in the same order, so its result is the torch path's to the bit (tests/test_cpu_kernels.py compares
+them on adversarial inputs: ties, zeros, -0.0, NaN, weights != 1), except the sign of a NaN that an operation
+creates (inf - inf), which IEEE leaves open. Kernels over task vectors also take the bf16 inputs as read
+(`Bf16Sources`, `KernelTau`) and form each tile of a task vector in registers, with bf16_deltas' bits. The torch code stays the reference and runs everywhere else:
 on GPU tensors, without a C compiler, or with DISTMERGE_KERNELS=torch.
 
 Rules that keep the bits equal: every operand is float32, no fused multiply-adds and no reassociation
@@ -230,7 +231,7 @@ class BandKeep:
 
 
 class _Sparsify(ctypes.Structure):
-    """kernels.c's Sparsify: how combine sparsifies each tau as it reads it."""
+    """combine_kernels.c's Sparsify: how combine sparsifies each tau as it reads it."""
 
     _fields_ = [("thresholds", ctypes.c_void_p), ("keys", ctypes.c_void_p), ("position", ctypes.c_int64),
                 ("density", ctypes.c_float), ("factors", ctypes.c_void_p), ("divide", ctypes.c_int),

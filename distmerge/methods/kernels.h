@@ -1,4 +1,5 @@
-/* Definitions shared by the kernel sources (kernels.c, random_kernels.c): one library is built from both. */
+/* Definitions shared by the kernel sources (kernels.c, combine_kernels.c, della_kernels.c,
+ * random_kernels.c): one library is built from them all. */
 #ifndef DISTMERGE_KERNELS_H
 #define DISTMERGE_KERNELS_H
 #include <stdint.h>
@@ -48,6 +49,39 @@ static inline __attribute__((always_inline)) const int32_t *tau_tile(const void 
     if (base == NULL) return (const int32_t *)x + start;
     bf16_tau_tile(x, base, start, len, staged);
     return (const int32_t *)staged;
+}
+
+/* Spans of this many entries: a branch-free count over a span, which vectorizes, decides whether to walk it
+ * entry by entry. */
+#define SCAN 32
+
+/* Zero the entries with |x| == value numbered outside [low, high) among those, in flat order. A branch-free
+ * count over each span of SCAN entries, which vectorizes, decides the span: none equal, or all its equal
+ * entries numbered inside [low, high), leaves it; all outside zeroes them with a vectorized select; only a
+ * span across low or high is walked one entry at a time (the count makes that walk serial). A band edge of a
+ * bf16 task vector can have 5% of the entries equal to it: most spans hold one, few straddle. */
+static inline __attribute__((always_inline)) int64_t drop_equal_numbered(float *out, const float *x, int64_t n,
+                                                                           float value, int64_t low, int64_t high,
+                                                                           int64_t seen) {
+    for (int64_t start = 0; start < n; start += SCAN) {
+        const int64_t end = start + SCAN < n ? start + SCAN : n;
+        int32_t count = 0;
+        for (int64_t i = start; i < end; i++) count += fabs_bits(x[i]) == value;
+        if (!count) continue;
+        if (seen + count <= low || seen >= high) {
+            for (int64_t i = start; i < end; i++) out[i] = fabs_bits(x[i]) == value ? 0.0f : out[i];
+        } else if (seen < low || seen + count > high) {
+            int64_t number = seen;
+            for (int64_t i = start; i < end; i++) {
+                if (fabs_bits(x[i]) == value) {
+                    if (number < low || number >= high) out[i] = 0.0f;
+                    number++;
+                }
+            }
+        }
+        seen += count;
+    }
+    return seen;  /* the equal entries numbered so far: where the next span's numbering goes on */
 }
 
 /* --- counter-based random numbers (see rng.py) ----------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Build and load the kernels (kernels.c, random_kernels.c): a small C library compiled on first use with the
-machine's C compiler and cached.
+"""Build and load the kernels (kernels.c and the *_kernels.c beside it): a small C library compiled on first use
+with the machine's C compiler and cached.
 
 Compiled once per machine and source version (the file name carries a hash of the source and the flags) into
 `distmerge/methods/__pycache__/` when that is writable, else `$XDG_CACHE_HOME/distmerge` (~/.cache): a build
@@ -24,7 +24,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "random_kernels.c")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("kernels.c", "combine_kernels.c", "della_kernels.c", "random_kernels.c")]
 HEADER = Path(__file__).with_name("kernels.h")
 # -ffp-contract=off: no fused multiply-adds (torch rounds a product and a sum separately).
 FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]

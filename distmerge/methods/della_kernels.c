@@ -1,0 +1,146 @@
+/* DELLA's per-row ranks by magnitude and its rank-based drop; see cpu_kernels.py for the contract. */
+#include "kernels.h"
+
+/* DELLA needs each entry's rank by |tau| within its row, ascending, equal magnitudes by column: the order of
+ * (31-bit magnitude pattern, column). Zeros (most of a sparse RL vector) rank first, in column order: one
+ * branch-free pass gives them their ranks and compacts the other keys with their columns, so only those are
+ * sorted (counting every zero into one bucket would chain each increment on the last through memory).
+ *
+ * sort_by_buckets sorts the c compacted keys in a few passes: keys fall into ~c buckets by
+ * (key - smallest) >> shift, a histogram gives each bucket its slots, keys are scattered there in column order
+ * and one insertion sort over all of them orders each bucket (keys never move across buckets: every bucket's
+ * keys exceed the previous one's; equal keys never swap, so they stay in column order). Returns 0 with
+ * order[i] = column of the i-th smallest, or 1 once the insertion sort has moved keys MOVE_BUDGET times per
+ * entry (a row whose spread is dominated by outliers crowds many distinct keys into few buckets, where
+ * insertion sort goes quadratic): the caller then sorts by radix. Equal keys (bf16 deltas repeat magnitudes)
+ * crowd buckets too, but cost no moves. */
+#define MOVE_BUDGET 8
+static int sort_by_buckets(const int32_t *keys, const int32_t *columns, int64_t c, int64_t buckets,
+                           int32_t *sorted, int32_t *order, int32_t *start) {
+    int32_t lowest = ABS_MASK, highest = 0;
+    for (int64_t i = 0; i < c; i++) {
+        int32_t k = keys[i];
+        lowest = k < lowest ? k : lowest;
+        highest = k > highest ? k : highest;
+    }
+    int shift = 0;
+    while (((uint32_t)(highest - lowest) >> shift) > (uint32_t)(buckets - 1)) shift++;
+    memset(start, 0, (size_t)buckets * sizeof(int32_t));
+    for (int64_t i = 0; i < c; i++) start[(keys[i] - lowest) >> shift]++;
+    int32_t position = 0;
+    for (int64_t b = 0; b < buckets; b++) {
+        int32_t count = start[b];
+        start[b] = position;
+        position += count;
+    }
+    for (int64_t i = 0; i < c; i++) {
+        int32_t slot = start[(keys[i] - lowest) >> shift]++;
+        sorted[slot] = keys[i];
+        order[slot] = columns[i];
+    }
+    int64_t moves_left = MOVE_BUDGET * c;
+    for (int64_t i = 1; i < c; i++) {
+        int32_t k = sorted[i], column = order[i];
+        int64_t m = i;
+        for (; m > 0 && sorted[m - 1] > k; m--) {
+            sorted[m] = sorted[m - 1];
+            order[m] = order[m - 1];
+        }
+        sorted[m] = k;
+        order[m] = column;
+        moves_left -= i - m;
+        if (moves_left < 0) return 1;
+    }
+    return 0;
+}
+
+/* The same order by a stable LSD radix sort of the c keys (with their columns, in column order), 8 bits a
+ * pass (all four digit histograms from one counting pass, in four interleaved copies so that runs of equal
+ * digits do not serialize on one counter). Sorts in place, ping-ponging with the *_next buffers; returns the
+ * buffer holding order[i] = column of the i-th smallest. */
+static int32_t *sort_by_radix(int32_t *keys, int32_t *order, int64_t c, int32_t *keys_next, int32_t *order_next) {
+    int32_t counts[4][4][256]; /* [copy][digit position][digit] */
+    int64_t offsets[256];
+    memset(counts, 0, sizeof counts);
+    for (int64_t i = 0; i < c; i++) {
+        int32_t k = keys[i];
+        int copy = (int)(i & 3);
+        counts[copy][0][k & 255]++;
+        counts[copy][1][(k >> 8) & 255]++;
+        counts[copy][2][(k >> 16) & 255]++;
+        counts[copy][3][(k >> 24) & 255]++;
+    }
+    for (int pass = 0; pass < 4; pass++) {
+        int64_t position = 0;
+        int moves = 1;
+        for (int d = 0; d < 256; d++) {
+            int64_t n = (int64_t)counts[0][pass][d] + counts[1][pass][d] + counts[2][pass][d] + counts[3][pass][d];
+            if (n == c) moves = 0; /* every key has this digit: the pass would move nothing */
+            offsets[d] = position;
+            position += n;
+        }
+        if (!moves) continue;
+        int shift = 8 * pass;
+        for (int64_t i = 0; i < c; i++) {
+            int64_t slot = offsets[(keys[i] >> shift) & 255]++;
+            keys_next[slot] = keys[i];
+            order_next[slot] = order[i];
+        }
+        int32_t *swap = keys; keys = keys_next; keys_next = swap;
+        swap = order; order = order_next; order_next = swap;
+    }
+    return order;
+}
+
+/* rank_of[j] for one row: zeros first (in column order), then the other keys sorted. `scratch` holds 5n ints
+ * and `start` the bucket counts. */
+static void rank_row(const int32_t *bits, int64_t n, int32_t *scratch, int32_t *start, int32_t *rank_of) {
+    int32_t *keys = scratch, *columns = scratch + n, *sorted = scratch + 2 * n, *order = scratch + 3 * n;
+    int32_t zeros = 0, c = 0;
+    for (int64_t j = 0; j < n; j++) { /* branch-free: a zero and a nonzero are equally likely in places */
+        int32_t k = bits[j] & ABS_MASK, is_zero = k == 0;
+        rank_of[j] = zeros; /* kept for zeros only: the nonzero ranks below overwrite the others */
+        zeros += is_zero;
+        keys[c] = k;
+        columns[c] = (int32_t)j;
+        c += !is_zero;
+    }
+    if (c == 0) return;
+    int64_t buckets = 16;
+    while (buckets < c) buckets *= 2;
+    if (sort_by_buckets(keys, columns, c, buckets, sorted, order, start))
+        order = sort_by_radix(keys, columns, c, sorted, order);
+    for (int32_t i = 0; i < c; i++) rank_of[order[i]] = zeros + i;
+}
+
+/* out[j] = tau[j] / p where uniform[j] < p, else +0.0 (a bit mask: a coin flip as a branch mispredicts every
+ * other entry), with p = keep_prob[rank_of[j]]. */
+HOT static void keep_by_rank(const float *tau, const float *uniform, const float *keep_prob,
+                             const int32_t *rank_of, int64_t n, float *out) {
+    uint32_t *out_bits = (uint32_t *)out;
+    for (int64_t j = 0; j < n; j++) {
+        float p = keep_prob[rank_of[j]], kept = tau[j] / p;
+        uint32_t mask = 0u - (uint32_t)(uniform[j] < p), kept_bits;
+        memcpy(&kept_bits, &kept, sizeof kept_bits);
+        out_bits[j] = kept_bits & mask;
+    }
+}
+
+/* DELLA per row of tau [rows, n]: keep entry j of rank r where uniform < keep_prob[r], divided by
+ * keep_prob[r]. Returns -1 when scratch memory is not available. */
+int della_rows(const float *tau, const float *uniform, const float *keep_prob, int64_t rows, int64_t n,
+               float *out) {
+    int64_t buckets = 16;
+    while (buckets < n) buckets *= 2;
+    int32_t *scratch = malloc((5 * (size_t)n + (size_t)buckets) * sizeof(int32_t));
+    if (!scratch) return -1;
+    int32_t *rank_of = scratch + 4 * n, *start = scratch + 5 * n;
+    for (int64_t r = 0; r < rows; r++) {
+        /* ranks in column order, then one pass in column order that vectorizes: the keep probabilities are
+         * gathered from a small table, the row, the random numbers and the output stream. */
+        rank_row((const int32_t *)(tau + r * n), n, scratch, start, rank_of);
+        keep_by_rank(tau + r * n, uniform + r * n, keep_prob, rank_of, n, out + r * n);
+    }
+    free(scratch);
+    return 0;
+}
