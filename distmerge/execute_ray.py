@@ -8,8 +8,9 @@ a loop). When an actor dies (process killed, node lost) its in-flight blocks are
 actor; blocks are idempotent (a retried shard is rewritten from scratch under the staging prefix), so the
 output is byte-identical whatever failed.
 
-While a local Ray started for the merge comes up (on its own thread, `local_ray.LocalRay`), the driver
-merges blocks itself until the first actor is ready (`startup_lane`); the actors take the rest.
+While a local Ray started for the merge comes up (`local_ray.LocalRay`), the driver merges blocks itself
+(`startup_lane`); once Ray is up and the blocks left would outlast an actor's start-up, actors are started and
+take the rest when ready.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from distmerge.worker_pool import WorkerPool
 from distmerge.writer import ShardRecord
 
 log = logging.getLogger(__name__)
+
+
+# About how long a merge actor takes to start on a local Ray (a Python process importing Ray and torch, in
+# the background while the start-up lane merges): the lane hands over only blocks that would outlast it.
+ACTOR_START_SECONDS = 5.0
 
 
 class BlockTimeout(Exception):
@@ -72,7 +78,7 @@ class RayExecutor:
         self.lane: StartupLane | None = None
         self._lane_tasks = 0
         self.tasks = 0  # blocks run, summed over passes (statistics passes and the merge)
-        if options.merge_while_starting and device == "cpu" and self.pool.local and not self.pool.an_actor_ready():
+        if options.merge_while_starting and device == "cpu" and self.pool.local and not self.pool.answered:
             self.lane = StartupLane(job, staging, device)
 
     def _up(self, timeout: float | None = None) -> bool:
@@ -112,7 +118,7 @@ class RayExecutor:
         results: dict[int, Any] = {}
         running: dict = {}
         if self.lane is not None:
-            results, running = self.lane.run_until(self.pool.an_actor_ready, blocks, lane_work, advance)
+            results, running = self.lane.run_until(self._actors_ready, blocks, lane_work, advance)
         taken = results.keys() | {block.id for block in running.values()}
         rest = [block for block in blocks if block.id not in taken]
         try:
@@ -122,9 +128,18 @@ class RayExecutor:
         finally:
             if self.lane is not None:
                 self.lane.finish(running, results, advance)  # its last blocks ran alongside the actors
-        if self.lane is not None and self.pool.an_actor_ready():
+        if self.lane is not None and self.pool.answered:
             self._retire_lane()
         return results
+
+    def _actors_ready(self, lane_seconds: float | None) -> bool:
+        """Whether the actors take the blocks the lane has not started. They are started (and the driver
+        connected to Ray) only once Ray is up and those blocks would keep the lane busy for longer than an
+        actor takes to start: on the cores the lane already uses, an actor merges no faster, so one that starts
+        after the lane has started every block only costs its start-up (a small merge never starts one)."""
+        if not self.pool.actors and (lane_seconds is None or lane_seconds < ACTOR_START_SECONDS):
+            return False
+        return self.pool.an_actor_ready()
 
     def run_info(self) -> dict[str, int]:
         """For the provenance: block tasks (a block in one pass) run, and how many the start-up lane ran. Read

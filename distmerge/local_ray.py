@@ -1,31 +1,31 @@
 """Which Ray a merge uses: the one this process is connected to, the cluster named by --address (or
 RAY_ADDRESS, set inside `ray job submit` jobs), or a lean local Ray started for the merge.
 
-A local Ray takes seconds to start (GCS, raylet, object store, then actors importing torch), about as long
-as a small merge computes, so it starts on its own thread (`LocalRay`) and the merge does not wait for it:
-the CLI enters `started_early` before it imports torch, and the executor merges blocks in the driver until the
-first actor is ready (see `distmerge.execute_ray`). This module does not import torch, so starting early
-really happens before that import.
+A local Ray takes seconds to start (GCS, raylet, agents, then actors importing torch), about as long as a
+small merge computes, so the merge does not wait for it: the CLI enters `started_early` before it imports
+torch, the head starts in a process of its own (`distmerge.ray_head`), and the executor merges blocks in the
+driver until the first actor is ready (see `distmerge.execute_ray`). This process connects to the head on a
+thread once the head is up. When the merge ends first, `LocalRay.stop` stops the head and every process it
+started at once, by PID, rather than wait for a Ray nobody needs any more to finish starting. This module
+does not import torch, so starting early really happens before that import.
 
 Without `--dashboard` the local Ray is also started without two head daemons a private per-merge Ray has no
-use for: the autoscaler monitor (nothing to scale) and the dashboard's API server (job and state REST APIs
-that no client of this private Ray calls). Each is a Python process importing Ray; on 2 cores leaving them
-out takes a local `ray.init` from 2.2-3.4 s to 1.4-1.5 s, and `ray.shutdown` from 1.4 s to 0.1-0.4 s (Ray
-stops the monitor after the GCS, and its SIGTERM handler then waits on the dead GCS until Ray SIGKILLs it a
-second later). Ray has no public switch for either, so `_lean_head` skips their start methods while
-`ray.init` runs; everything else about the local Ray is `ray.init`'s own.
+use for: the autoscaler monitor and the dashboard's API server (`ray_head._lean_head`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -69,7 +69,6 @@ def started_early(options: RunOptions) -> Iterator[bool]:
     finally:
         unclaimed = _early.pop("ray", None)
         if unclaimed is not None:
-            # Leaving Ray half-started at exit would orphan its agents: let it come up, then shut it down.
             unclaimed.stop()
 
 
@@ -78,7 +77,8 @@ def _start_early(options: RunOptions) -> bool:
         return False
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        # What ray.init sets on a main thread: SIGTERM exits through atexit, so Ray is shut down cleanly.
+        # What ray.init sets on a main thread: SIGTERM exits through atexit and finally blocks, so the local
+        # Ray is stopped too.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
     # With the lane on, the merge runs here while Ray starts: Ray's start-up takes only the cycles it leaves.
     _early["ray"] = LocalRay(options, background=options.merge_while_starting)
@@ -86,32 +86,56 @@ def _start_early(options: RunOptions) -> bool:
 
 
 class LocalRay:
-    """A local Ray started on a thread of its own, which stays alive until `stop`: Ray's daemons get a
-    parent-death signal when the thread that spawned them exits, so it cannot be a short-lived helper.
-    `background`: that thread, and so every Ray process, runs at the lowest CPU priority (`distmerge.priority`)."""
+    """A local Ray for one merge: its head runs in a process of its own (`distmerge.ray_head`), started here.
+    A thread waits for the head to be up and, once `wait` is first called, connects this process to it: a
+    merge that needs no actor (the start-up lane merged it all) never connects.
+
+    `background`: the head and every Ray process, and this process's connection, run at the lowest CPU
+    priority (`distmerge.priority`).
+    """
 
     def __init__(self, options: RunOptions, background: bool = False):
         self.error: BaseException | None = None
         self.background = background
         self._up = threading.Event()
-        self._release = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(options,), name="distmerge-ray", daemon=True)
+        self._wanted = threading.Event()  # the first `wait` asks for the connection
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._connecting = False
+        flags = [*([] if options.dashboard else ["--lean"]), *(["--background"] if background else [])]
+        # Its own session: Ctrl-C in a terminal reaches this process, which stops the head, not a head
+        # interrupted half-way through starting Ray.
+        self._head = subprocess.Popen(
+            [sys.executable, "-m", "distmerge.ray_head", json.dumps(local_ray_init_kwargs(options)), *flags],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True, env=_head_env())
+        self._thread = threading.Thread(target=self._connect, name="distmerge-ray", daemon=True)
         self._thread.start()
 
-    def _run(self, options: RunOptions) -> None:
+    def _connect(self) -> None:
         try:
+            line = self._head.stdout.readline()
+            reply = json.loads(line) if line.strip() else {
+                "error": f"the Ray head process exited with status {self._head.wait()} (its log is above)"}
+            if "error" in reply:
+                raise RuntimeError(f"the local Ray did not start: {reply['error']}")
+            self._wanted.wait()
+            with self._lock:
+                if self._stopping:
+                    return
+                self._connecting = True
             if self.background:
                 lower_this_thread()
             with _off_main_thread_quietly():
-                init_local_ray(options)
+                ray.init(address=reply["address"], namespace="distmerge", log_to_driver=True)
         except BaseException as exc:  # re-raised on the thread that waits for Ray
             self.error = exc
         finally:
             self._up.set()
-        self._release.wait()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """True once Ray is up (False if `timeout` passes first); raises what stopped it from starting."""
+        """True once Ray is up and this process connected (False if `timeout` passes first); raises what
+        stopped it from starting."""
+        self._wanted.set()
         if not self._up.wait(timeout):
             return False
         if self.error is not None:
@@ -119,15 +143,25 @@ class LocalRay:
         return True
 
     def stop(self) -> None:
-        """Shut Ray down (after it has finished starting: a half-started Ray cannot be shut down), then
-        let the thread end."""
-        try:
-            self._up.wait()
-            if self.error is None and ray.is_initialized():
+        """Disconnect, then stop the head and every process it started, by PID: whether Ray is up or still
+        starting, at once (a graceful `ray.shutdown` of the head takes 0.3-1 s more, for a Ray that holds
+        nothing the merge still needs)."""
+        with self._lock:
+            self._stopping = True
+            connecting = self._connecting
+        self._wanted.set()  # a thread waiting to connect ends instead
+        if connecting:
+            self._up.wait()  # a connection under way completes first
+            if ray.is_initialized():
                 ray.shutdown()
+        try:
+            stop_process_tree(self._head.pid)  # nothing of this private Ray outlives the merge
         finally:
-            self._release.set()
+            self._head.wait()
             self._thread.join()
+            self._head.stdout.close()
+            if not self._head.stdin.closed:
+                self._head.stdin.close()
 
 
 class RaySession:
@@ -148,8 +182,8 @@ class RaySession:
 
 
 def connect_ray(options: RunOptions) -> RaySession:
-    """The Ray in use, the cluster at --address, or a local Ray: `started_early`'s, else one started now on
-    its own thread (`wait` for it)."""
+    """The Ray in use, the cluster at --address, or a local Ray: `started_early`'s, else one started now
+    (`wait` for it)."""
     early = _early.pop("ray", None)
     if early is not None:
         return RaySession(owned=True, local=early)
@@ -162,39 +196,38 @@ def connect_ray(options: RunOptions) -> RaySession:
     return RaySession(owned=True, local=LocalRay(options))
 
 
-def init_local_ray(options: RunOptions) -> None:
-    """`ray.init` of the local Ray a merge starts: lean (see the module docstring) unless --dashboard."""
-    kwargs = local_ray_init_kwargs(options)
-    if options.dashboard:
-        ray.init(**kwargs)
-        return
-    with _lean_head():
-        ray.init(**kwargs)
+def _head_env() -> dict[str, str]:
+    """This process's environment, with the distmerge it runs first on the head's path (a checkout on
+    sys.path rather than an installed package, say)."""
+    package_root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
 
 
-@contextlib.contextmanager
-def _lean_head() -> Iterator[None]:
-    """While `ray.init` starts a head node here, skip the autoscaler monitor and the dashboard API server.
-    Falls back to Ray's full head if this Ray's Node no longer has those start methods."""
-    from ray._private.node import Node
+def stop_process_tree(pid: int) -> None:
+    """Kill process `pid` and every process below it: all are frozen first (SIGSTOP), looking again until no
+    new one appears, so that none spawns a child that would escape as an orphan; then all are killed."""
+    import psutil
 
-    skipped = ("start_monitor", "start_api_server")
-    saved = {name: Node.__dict__.get(name) for name in skipped}
-    if not all(saved.values()):
-        log.debug("this Ray's Node lacks %s; starting the full local head", skipped)
-        yield
-        return
-    for name in skipped:
-        setattr(Node, name, _skip_head_service)
     try:
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(Node, name, method)
-
-
-def _skip_head_service(self, *args, **kwargs) -> None:
-    return None
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    frozen: dict[int, psutil.Process] = {}
+    while True:
+        try:
+            found = [p for p in [root, *root.children(recursive=True)] if p.pid not in frozen]
+        except psutil.NoSuchProcess:
+            found = []
+        if not found:
+            break
+        for process in found:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.suspend()
+            frozen[process.pid] = process
+    for process in frozen.values():  # a stopped process dies of SIGKILL at once
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 class _DropRecords(logging.Filter):

@@ -2,14 +2,14 @@
 
 The CLI merges in its own process while that Ray starts (the start-up lane, `distmerge.startup_lane`), and on
 a machine whose cores the lane fills, Ray's start-up (GCS, raylet, agents, then each actor importing torch:
-about 4 s of CPU) only competes with the merge: on 2 cores a 0.5B TIES merge took 1-2 s longer. So the thread
-that starts the local Ray lowers its own priority to nice 19 first, which every process it spawns inherits
-(Linux sets nice per thread; a new process takes its spawning thread's), and the merge gets the cores while
-Ray takes what they leave idle. The lane merges as fast as the actors would (same machine, same code), so the
-merge loses nothing while they start later. An actor puts its process back at the driver's priority when the
-system lets it (raising priority needs CAP_SYS_NICE, e.g. root in a container); otherwise the actors stay at
-nice 19, which only matters against other work on the same machine. Linux only; elsewhere nothing changes.
-"""
+about 4 s of CPU) only competes with the merge: on 2 cores a 0.5B TIES merge took 1-2 s longer. So the Ray head
+process (`distmerge.ray_head`) lowers its priority to nice 19 first, which every process it spawns inherits
+(Linux sets nice per thread; a new thread or process takes its spawning thread's), as does the driver's thread
+that connects to it; the merge gets the cores while Ray takes what they leave idle. The lane merges as fast as the
+actors would (same machine, same code), so the merge loses nothing while they start later. An actor puts its
+process back at the driver's priority with its first block when the system lets it (raising priority needs
+CAP_SYS_NICE, e.g. root in a container); otherwise the actors stay at nice 19, which only matters against other
+work on the same machine. Linux only; elsewhere nothing changes."""
 
 from __future__ import annotations
 

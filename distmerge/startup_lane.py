@@ -14,6 +14,7 @@ off; the provenance records how many block tasks it ran).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
@@ -35,6 +36,9 @@ class StartupLane:
     def __init__(self, job: MergeJob, staging: Location, device: str = "cpu", threads: int | None = None):
         self.local = LocalExecutor(job, staging, device, threads or machine_cpus())
         self.blocks = 0  # block tasks run here (a block in one pass: statistics or merge)
+        self._done_bytes = 0  # the lane's pace: bytes of the blocks done here, over the seconds each took
+        self._block_seconds = 0.0
+        self._started: dict[Future, float] = {}
 
     def map_work(self, phase_index: int, stats: dict[str, Any]) -> Callable[[Block], Any]:
         return self.local.map_work(phase_index, stats)
@@ -42,21 +46,31 @@ class StartupLane:
     def write_work(self, stats: dict[str, Any]) -> Callable[[Block], Any]:
         return self.local.write_work(stats)
 
-    def run_until(self, ready: Callable[[], bool], blocks: Sequence[Block], work: Callable[[Block], Any],
-                  advance: Callable[[int], None]) -> tuple[dict[int, Any], dict[Future, Block]]:
-        """Merge `blocks` here until `ready()` or none are left. Returns the results so far and the blocks
-        still running here (finish them with `finish`); the blocks in neither are the actors' to merge."""
+    def run_until(self, ready: Callable[[float | None], bool], blocks: Sequence[Block],
+                  work: Callable[[Block], Any], advance: Callable[[int], None],
+                  ) -> tuple[dict[int, Any], dict[Future, Block]]:
+        """Merge `blocks` here until `ready(seconds)` or none are left. Returns the results so far and the
+        blocks still running here (finish them with `finish`); the blocks in neither are the actors' to merge.
+        `ready` is asked only while blocks wait here, with how long the lane would take to merge those at its
+        pace so far (None before it has finished a block): it decides whether actors are worth starting."""
         results: dict[int, Any] = {}
         running: dict[Future, Block] = {}
         queue = list(blocks)
-        while (queue or running) and not ready():
+        while (queue or running) and not (queue and ready(self._seconds_for(queue))):
             while queue and len(running) < self.local.threads:
                 block = queue.pop(0)
-                running[self.local.submit(work, block)] = block
+                future = self.local.submit(work, block)
+                running[future], self._started[future] = block, time.monotonic()
             done, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
             for future in done:
                 self._collect(running.pop(future), future, results, advance)
         return results, running
+
+    def _seconds_for(self, queue: Sequence[Block]) -> float | None:
+        """Seconds the lane's threads would take to merge `queue`, at the pace its blocks have taken so far."""
+        if not self._done_bytes:
+            return None
+        return sum(block.nbytes for block in queue) * self._block_seconds / self._done_bytes / self.local.threads
 
     def finish(self, running: dict[Future, Block], results: dict[int, Any], advance: Callable[[int], None]) -> None:
         for future, block in running.items():
@@ -65,6 +79,8 @@ class StartupLane:
     def _collect(self, block: Block, future: Future, results: dict[int, Any], advance: Callable[[int], None]) -> None:
         results[block.id] = future.result()  # a failure here is the merge's, as in a single-process merge
         self.blocks += 1
+        self._done_bytes += block.nbytes
+        self._block_seconds += time.monotonic() - self._started.pop(future)
         advance(block.nbytes)
 
     def close(self) -> None:

@@ -42,9 +42,10 @@ class MergeWorker:
     def __init__(self, priority: int | None = None):
         import torch
 
-        if priority is not None:  # the driver's: a local Ray may have started its processes in the background
-            set_process_priority(priority)
-
+        # The driver's priority, taken up with the first block: a local Ray started in the background starts
+        # its actors there too, and their start-up (importing torch) must not slow the merge the driver runs
+        # meanwhile (`distmerge.startup_lane`).
+        self._priority = priority
         torch.set_num_threads(1)  # parallelism comes from blocks on threads (see the module docstring)
         keep_freed_memory()  # this process exists to merge (see distmerge.allocator)
         self.jobs: dict[str, tuple[BlockMerger, Location, dict[int, Block]]] = {}
@@ -52,6 +53,9 @@ class MergeWorker:
 
     def _job(self, job_id: str, job_box: list, staging: Location, device: str):
         with self._lock:
+            if self._priority is not None:
+                set_process_priority(self._priority)
+                self._priority = None
             if job_id not in self.jobs:
                 job: MergeJob = ray.get(job_box[0])  # boxed: Ray resolves it here once, not on every call
                 self.jobs[job_id] = (BlockMerger(job, device), staging, {b.id: b for b in job.plan.blocks})
@@ -83,7 +87,7 @@ class MergeWorker:
 class WorkerPool:
     """Named merge actors on the cluster. One per merge by default; long-running drivers keep one open.
 
-    A local Ray started for the pool comes up on its own thread (`distmerge.local_ray.LocalRay`): the actors
+    A local Ray started for the pool comes up in the background (`distmerge.local_ray.LocalRay`): the actors
     are spawned by the first `wait_up` that finds it up, so a caller can work meanwhile.
     """
 
@@ -97,7 +101,8 @@ class WorkerPool:
         self.actors: list = []
         self._pings: list = []
         self._answered = False
-        self.wait_up(0)
+        if self._ray.local is None:
+            self.wait_up(0)  # Ray is up already: spawn the actors now (a local Ray connects when first asked)
 
     @property
     def local(self) -> bool:
@@ -111,6 +116,11 @@ class WorkerPool:
                 return False
             self.actors = [self._spawn() for _ in range(self.options.workers)]
         return True
+
+    @property
+    def answered(self) -> bool:
+        """Whether an actor has answered `an_actor_ready`'s ping (asks nothing, spawns nothing)."""
+        return self._answered
 
     def an_actor_ready(self) -> bool:
         """Whether an actor has answered yet (does not wait; spawns the actors if Ray has come up)."""

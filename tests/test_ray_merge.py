@@ -123,6 +123,10 @@ class StartingPool:
         staged = len(list(self.records.iterdir())) if self.records.is_dir() else 0
         return staged >= self.after
 
+    @property
+    def answered(self) -> bool:
+        return self.an_actor_ready()
+
     def __getattr__(self, name: str):
         return getattr(self.pool, name)
 
@@ -154,15 +158,12 @@ def test_startup_lane_is_off_when_asked(pool, tiny_family, references, tmp_path)
 
 
 def test_a_local_ray_that_fails_to_start_says_why(monkeypatch):
-    def refuse(options):
-        raise RuntimeError("no room for the object store")
-
-    monkeypatch.setattr("distmerge.local_ray.init_local_ray", refuse)
+    monkeypatch.setattr("distmerge.local_ray.LOCAL_OBJECT_STORE_BYTES", 1024**2)  # below Ray's minimum
     starting = LocalRay(RunOptions(workers=1))
-    with pytest.raises(RuntimeError, match="no room for the object store"):
-        starting.wait(timeout=30)
-    starting.stop()  # returns: nothing to shut down, and its thread ends
-    assert not starting._thread.is_alive()
+    with pytest.raises(RuntimeError, match="the local Ray did not start: .*object store"):
+        starting.wait(timeout=120)
+    starting.stop()  # returns: nothing to shut down, and its thread and head process end
+    assert not starting._thread.is_alive() and starting._head.poll() is not None
 
 
 def test_dispatch_leaves_the_last_round_to_whichever_worker_frees_up():

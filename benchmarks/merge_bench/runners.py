@@ -106,11 +106,12 @@ def ray_baseline_worker(workers: int) -> None:
     import ray
 
     import distmerge
-    from distmerge.local_ray import init_local_ray
+    from distmerge.local_ray import LocalRay
     from distmerge.options import RunOptions
 
     options = RunOptions(workers=workers)
-    init_local_ray(options)
+    local = LocalRay(options, background=options.merge_while_starting)
+    local.wait()
 
     @ray.remote(num_cpus=options.cpus_per_worker)
     class Idle:
@@ -126,5 +127,5 @@ def ray_baseline_worker(workers: int) -> None:
     time.sleep(1.0)  # let the sampler see the steady state
     for actor in actors:
         ray.kill(actor)
-    ray.shutdown()
+    local.stop()
     print(f"ray baseline done ({workers} actors)")
