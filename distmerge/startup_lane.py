@@ -56,11 +56,13 @@ class StartupLane:
         results: dict[int, Any] = {}
         running: dict[Future, Block] = {}
         queue = list(blocks)
-        while (queue or running) and not (queue and ready(self._seconds_for(queue))):
+        while queue or running:
             while queue and len(running) < self.local.threads:
                 block = queue.pop(0)
                 future = self.local.submit(work, block)
                 running[future], self._started[future] = block, time.monotonic()
+            if queue and ready(self._seconds_for(queue)):
+                break
             done, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
             for future in done:
                 self._collect(running.pop(future), future, results, advance)

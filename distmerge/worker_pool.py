@@ -118,6 +118,11 @@ class WorkerPool:
         return True
 
     @property
+    def spawned(self) -> int:
+        """Actors this pool has started, replacements included."""
+        return self._spawned
+
+    @property
     def answered(self) -> bool:
         """Whether an actor has answered `an_actor_ready`'s ping (asks nothing, spawns nothing)."""
         return self._answered

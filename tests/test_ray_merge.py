@@ -179,3 +179,38 @@ def test_dispatch_leaves_the_last_round_to_whichever_worker_frees_up():
     assert dispatch_slots({0: 1, 1: 0}, 1, threads=1, ahead=1) == [1]  # the free worker
     assert dispatch_slots({0: 1, 1: 1}, 3, threads=1, ahead=1) == [0]  # 3 left: more than a round
     assert dispatch_slots({0: 1, 1: 1}, 2, threads=1, ahead=1) == []  # the last round waits for free threads
+
+
+def test_startup_lane_asks_for_actors_only_while_blocks_wait_with_its_pace(tiny_family, tmp_path):
+    """The lane asks whether actors should take over only while blocks wait for its threads, with how long it
+    would take to merge them at its pace so far (None before a block is done); when told yes it returns the
+    unstarted blocks to the caller."""
+    from distmerge.startup_lane import StartupLane
+    from distmerge.storage import Location
+
+    _, job = plan_recipe(recipe_for(tiny_family, "task_arithmetic", str(tmp_path / "out")),
+                         RunOptions(block_size=BLOCK))
+    blocks = job.plan.blocks
+    assert len(blocks) >= 6
+    staging = Location(str(tmp_path / "staging"))
+    lane = StartupLane(job, staging, threads=2)
+    asked: list[float | None] = []
+    advanced: list[int] = []
+    try:
+        every, running = lane.run_until(lambda s: asked.append(s) or False, blocks[:2], lane.write_work({}),
+                                        advanced.append)
+        assert not running and sorted(every) == [b.id for b in blocks[:2]] and asked == []  # none ever waited
+
+        def after_three(seconds):
+            asked.append(seconds)
+            return len(asked) > 3 and seconds is not None
+
+        done, running = lane.run_until(after_three, blocks, lane.write_work({}), advanced.append)
+        lane.finish(running, done, advanced.append)
+        assert len(done) < len(blocks)  # the rest was left to the actors
+        paced = [s for s in asked if s is not None]
+        assert paced and all(s > 0 for s in paced)
+        # The estimate is the waiting blocks' bytes at the lane's pace: fewer blocks, fewer seconds.
+        assert lane._seconds_for(blocks[:1]) < lane._seconds_for(blocks[:4])
+    finally:
+        lane.close()

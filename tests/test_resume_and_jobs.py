@@ -187,8 +187,10 @@ def test_cli_merge_on_its_own_local_ray_matches_the_single_process_merge(tiny_fa
     assert "published" in on_ray.stdout
     assert shards(tmp_path / "ray-out") == shards(tmp_path / "local")
     run = json.loads((tmp_path / "ray-out" / "distmerge_provenance.json").read_text())["run"]
-    # A tiny merge's first blocks are done long before an actor has imported torch.
+    # A tiny merge's first blocks are done long before an actor has imported torch; with the driver merging,
+    # it never has more blocks left than an actor would take to start, so none is started.
     assert (run["block_tasks_in_driver_while_ray_started"] > 0) == (lane == "--merge-while-starting"), run
+    assert run["actors_started"] == (0 if lane == "--merge-while-starting" else 2), run
     leftovers = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
     logs = {p.name for p in ray_tmp.glob("ray/session_*/logs/*")}
     shutil.rmtree(ray_tmp, ignore_errors=True)
