@@ -21,9 +21,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import ray
-
 from distmerge.errors import MergeError
+from distmerge.lazy_ray import ray
 from distmerge.merge_core import MergeJob
 from distmerge.methods.registry import PartialStats
 from distmerge.options import RunOptions

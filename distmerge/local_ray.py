@@ -25,11 +25,9 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import ray
-
+from distmerge.lazy_ray import ray, ray_initialized
 from distmerge.options import RunOptions, machine_cpus
 from distmerge.priority import lower_this_thread
 
@@ -73,7 +71,7 @@ def started_early(options: RunOptions) -> Iterator[bool]:
 
 
 def _start_early(options: RunOptions) -> bool:
-    if options.workers == 0 or cluster_address(options) or ray.is_initialized() or "ray" in _early:
+    if options.workers == 0 or cluster_address(options) or ray_initialized() or "ray" in _early:
         return False
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -107,15 +105,14 @@ class LocalRay:
         # interrupted half-way through starting Ray.
         self._head = subprocess.Popen(
             [sys.executable, "-m", "distmerge.ray_head", json.dumps(local_ray_init_kwargs(options)), *flags],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True, env=_head_env())
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
         self._thread = threading.Thread(target=self._connect, name="distmerge-ray", daemon=True)
         self._thread.start()
 
     def _connect(self) -> None:
         try:
-            line = self._head.stdout.readline()
-            reply = json.loads(line) if line.strip() else {
-                "error": f"the Ray head process exited with status {self._head.wait()} (its log is above)"}
+            line = self._head.stdout.readline()  # the head is reaped only by `stop`: its pid stays its own
+            reply = json.loads(line) if line.strip() else {"error": "its head process exited (its log is above)"}
             if "error" in reply:
                 raise RuntimeError(f"the local Ray did not start: {reply['error']}")
             self._wanted.wait()
@@ -156,6 +153,9 @@ class LocalRay:
                 ray.shutdown()
         try:
             stop_process_tree(self._head.pid)  # nothing of this private Ray outlives the merge
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                # Left in the head's process group once it is gone: what a head that died had started.
+                os.killpg(self._head.pid, signal.SIGKILL)
         finally:
             self._head.wait()
             self._thread.join()
@@ -187,21 +187,13 @@ def connect_ray(options: RunOptions) -> RaySession:
     early = _early.pop("ray", None)
     if early is not None:
         return RaySession(owned=True, local=early)
-    if ray.is_initialized():
+    if ray_initialized():
         return RaySession(owned=False)
     address = cluster_address(options)
     if address:
         ray.init(address=address, namespace="distmerge", log_to_driver=True)
         return RaySession(owned=True)
     return RaySession(owned=True, local=LocalRay(options))
-
-
-def _head_env() -> dict[str, str]:
-    """This process's environment, with the distmerge it runs first on the head's path (a checkout on
-    sys.path rather than an installed package, say)."""
-    package_root = str(Path(__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
 
 
 def stop_process_tree(pid: int) -> None:

@@ -18,10 +18,9 @@ import threading
 import uuid
 from typing import Any
 
-import ray
-
 from distmerge.allocator import keep_freed_memory
 from distmerge.faults import fault_env
+from distmerge.lazy_ray import ray
 from distmerge.local_ray import connect_ray
 from distmerge.merge_core import BlockMerger, MergeJob
 from distmerge.options import RunOptions, worker_threads
