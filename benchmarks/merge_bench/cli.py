@@ -71,8 +71,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def startup_lane_note(out: Path) -> str:
     """How much of the work the driver did while Ray started (the rest was the actors'), from the provenance."""
     run = json.loads((out / "distmerge_provenance.json").read_text())["run"]
+    actors = f", {run['actors_started']} actor(s) started" if "actors_started" in run else ""
     return (f"{run.get('block_tasks_in_driver_while_ray_started', 0)} of {run.get('block_tasks', '?')} block tasks "
-            "(a block in one pass) run by the driver while Ray started")
+            f"(a block in one pass) run by the driver while Ray started{actors}")
 
 
 def machine() -> str:
