@@ -40,6 +40,7 @@ from distmerge.methods.registry import (
 )
 from distmerge.methods.rng import mask_key, uniform_like
 
+# Model i's sparsified task vector, from this piece's inputs (the torch path: a new fp32 tensor).
 Sparsifier = Callable[[MergeInputs, Any, TensorContext, int], torch.Tensor]
 # A sparsifier that keeps |tau_i| >= a threshold gives the threshold of model i (None: it keeps every entry).
 Threshold = Callable[[MergeInputs, Any, TensorContext, int], float | None]
