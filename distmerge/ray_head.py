@@ -35,6 +35,7 @@ def main(argv: list[str]) -> int:
     control, reply = os.fdopen(os.dup(0)), os.fdopen(os.dup(1), "w")
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
+    os.close(devnull)
     os.dup2(2, 1)
     if "--background" in flags:
         lower_this_thread()  # before Ray starts a thread or a process: they all inherit it

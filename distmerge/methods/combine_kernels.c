@@ -53,7 +53,7 @@ static inline void dare_tile(const float *t, const Sparsify *s, int64_t m, int64
 /* consensus.combine(...) * scale: weighted sum ('sum') or TIES sign election + disjoint mean ('ties').
  * The first model is always multiplied by its weight (as weighted_sum does); later ones only when their
  * weight is not 1 (unit[m] == 0). taus[m] is tau_m in fp32, or with `base`, model m in bf16: its tau is then
- * formed tile by tile (bf16_tau_tile), never stored whole. Each tau is sparsified as `s` says, entry by entry as
+ * formed tile by tile (tau_tile), never stored whole. Each tau is sparsified as `s` says, entry by entry as
  * it is read (a DARE or band tile once, into `tiles`): the bits of combining the sparsified tensors
  * (keep_at_least's, dare's, the band's) without writing and reading them back. Returns 1 when the tiles find
  * no memory, else 0. */
@@ -72,11 +72,11 @@ HOT_WIDE int combine(const void *const *taus, const uint16_t *base, int64_t mode
     for (int64_t m = 1; m < models; m++) min_weight = weights[m] < min_weight ? weights[m] : min_weight;
     for (int64_t start = 0; start < n; start += TILE) {
         int64_t len = n - start < TILE ? n - start : TILE;
-        if (base != NULL) for (int64_t m = 0; m < models; m++) bf16_tau_tile(taus[m], base, start, len, tiles + m * TILE);
-        if (drop || band) for (int64_t m = 0; m < models; m++) {
-            const float *t = base != NULL ? tiles + m * TILE : (const float *)taus[m] + start;
-            if (drop) dare_tile(t, s, m, start, len, tiles + m * TILE);
-            else band_tile(t, s, m, len, tiles + m * TILE, seen);
+        if (staged) for (int64_t m = 0; m < models; m++) {
+            float *tile = tiles + m * TILE;
+            const float *t = (const float *)tau_tile(taus[m], base, start, len, tile);
+            if (drop) dare_tile(t, s, m, start, len, tile);
+            else if (band) band_tile(t, s, m, len, tile, seen);
         }
 #define TAU(m) (staged ? tiles + (m) * TILE : (const float *)taus[m] + start)
         const float *first = TAU(0);

@@ -6,8 +6,9 @@ kernel (`kernels.c`, `*_kernels.c`, built by `native`) does one or a few vectori
 operations in the same order, so its result is the torch path's to the bit (tests/test_cpu_kernels.py compares
 them on adversarial inputs: ties, zeros, -0.0, NaN, weights != 1), except the sign of a NaN that an operation
 creates (inf - inf), which IEEE leaves open. Kernels over task vectors also take the bf16 inputs as read
-(`Bf16Sources`, `KernelTau`) and form each tile of a task vector in registers, with bf16_deltas' bits. The torch code stays the reference and runs everywhere else:
-on GPU tensors, without a C compiler, or with DISTMERGE_KERNELS=torch.
+(`Bf16Sources`, `KernelTau`) and form each tile of a task vector in registers, with bf16_deltas' bits. The
+torch code stays the reference and runs everywhere else: on GPU tensors, without a C compiler, or with
+DISTMERGE_KERNELS=torch.
 
 Rules that keep the bits equal: every operand is float32, no fused multiply-adds and no reassociation
 (`native.FLAGS`), comparisons against the float32 value of a Python scalar (as torch casts a scalar to the

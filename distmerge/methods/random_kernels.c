@@ -111,8 +111,7 @@ HOT_WIDE void dare_abs_partials(const void *x, const uint16_t *base, int64_t n, 
     for (int64_t start = 0; start < n; start += TILE) {
         const int64_t len = n - start < TILE ? n - start : TILE;
         tile_uniform(key, position + start, len, u);
-        if (base != NULL) bf16_tau_tile(x, base, start, len, tau);
-        const uint32_t *bits = base != NULL ? (const uint32_t *)tau : (const uint32_t *)x + start;
+        const uint32_t *bits = (const uint32_t *)tau_tile(x, base, start, len, tau);
         abs_partials_tile(bits, u, len, density, units);
     }
     canonical_partial(units, partials);
