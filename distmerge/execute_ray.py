@@ -10,7 +10,8 @@ output is byte-identical whatever failed.
 
 While a local Ray started for the merge comes up (`local_ray.LocalRay`), the driver merges blocks itself
 (`startup_lane`); once Ray is up and the blocks left would outlast an actor's start-up, actors are started and
-take the rest when ready.
+take the rest when ready. A CPU merge's local Ray itself is started only when the blocks left would also
+outlast its start-up, so a merge the driver finishes first never starts it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 # About how long a merge actor takes to start on a local Ray (a Python process importing Ray and torch, in
 # the background while the start-up lane merges): the lane hands over only blocks that would outlast it.
 ACTOR_START_SECONDS = 5.0
+# About how long a local Ray's head takes to come up in the background while the lane merges (2 cores): a
+# local Ray not started yet is started only for blocks that would outlast it and then an actor's start-up.
+RAY_START_SECONDS = 3.0
 
 
 class BlockTimeout(Exception):
@@ -135,9 +139,13 @@ class RayExecutor:
         """Whether the actors take the blocks the lane has not started. They are started (and the driver
         connected to Ray) only once Ray is up and those blocks would keep the lane busy for longer than an
         actor takes to start: on the cores the lane already uses, an actor merges no faster, so one that starts
-        after the lane has started every block only costs its start-up (a small merge never starts one)."""
-        if not self.pool.actors and (lane_seconds is None or lane_seconds < ACTOR_START_SECONDS):
-            return False
+        after the lane has started every block only costs its start-up. A local Ray that waits to be asked for
+        (`local_ray.lane_expected`) is started only if they would also outlast its own start-up: a small merge
+        starts neither Ray nor an actor."""
+        if not self.pool.actors:
+            needed = ACTOR_START_SECONDS + (0.0 if self.pool.ray_started else RAY_START_SECONDS)
+            if lane_seconds is None or lane_seconds < needed:
+                return False
         return self.pool.an_actor_ready()
 
     def run_info(self) -> dict[str, int]:

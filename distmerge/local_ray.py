@@ -2,12 +2,16 @@
 RAY_ADDRESS, set inside `ray job submit` jobs), or a lean local Ray started for the merge.
 
 A local Ray takes seconds to start (GCS, raylet, agents, then actors importing torch), about as long as a
-small merge computes, so the merge does not wait for it: the CLI enters `started_early` before it imports
-torch, the head starts in a process of its own (`distmerge.ray_head`), and the executor merges blocks in the
-driver until the first actor is ready (see `distmerge.execute_ray`). This process connects to the head on a
-thread once the head is up. When the merge ends first, `LocalRay.stop` stops the head and every process it
-started at once, by PID, rather than wait for a Ray nobody needs any more to finish starting. This module
-does not import torch, so starting early really happens before that import.
+small merge computes, so the merge does not wait for it: the executor merges blocks in the driver (see
+`distmerge.execute_ray`, `distmerge.startup_lane`) and the head runs in a process of its own
+(`distmerge.ray_head`). With that start-up lane on a CPU merge, the head is started only once the lane
+estimates that the blocks left would outlast Ray's and an actor's start-up: a merge the driver finishes
+sooner never starts Ray, whose start-up would only take cycles from it. Otherwise (a GPU merge, the lane
+off, `--dashboard`) the CLI starts the head before it imports torch (`started_early`). This process connects
+to the head on a thread once the head is up and actors are wanted. When the merge ends first, `LocalRay.stop`
+stops the head and every process it started at once, by PID, rather than wait for a Ray nobody needs any
+more to finish starting. This module does not import torch, so starting early really happens before that
+import.
 
 Without `--dashboard` the local Ray is also started without two head daemons a private per-merge Ray has no
 use for: the autoscaler monitor and the dashboard's API server (`ray_head._lean_head`).
@@ -16,6 +20,7 @@ use for: the autoscaler monitor and the dashboard's API server (`ray_head._lean_
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import math
@@ -70,6 +75,14 @@ def started_early(options: RunOptions) -> Iterator[bool]:
             unclaimed.stop()
 
 
+def lane_expected(options: RunOptions) -> bool:
+    """Whether a merge with these options will likely run the start-up lane: a CPU merge (asked for, or `auto`
+    on a machine without an NVIDIA device) on a local Ray, without the dashboard a user asked to watch. Its
+    local Ray then starts only when the lane asks for it."""
+    cpu = options.device == "cpu" or (options.device == "auto" and not glob.glob("/dev/nvidia[0-9]*"))
+    return options.merge_while_starting and not options.dashboard and cpu
+
+
 def _start_early(options: RunOptions) -> bool:
     if options.workers == 0 or cluster_address(options) or ray_initialized() or "ray" in _early:
         return False
@@ -79,20 +92,21 @@ def _start_early(options: RunOptions) -> bool:
         # Ray is stopped too.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
     # With the lane on, the merge runs here while Ray starts: Ray's start-up takes only the cycles it leaves.
-    _early["ray"] = LocalRay(options, background=options.merge_while_starting)
+    _early["ray"] = LocalRay(options, background=options.merge_while_starting, start=not lane_expected(options))
     return True
 
 
 class LocalRay:
-    """A local Ray for one merge: its head runs in a process of its own (`distmerge.ray_head`), started here.
-    A thread waits for the head to be up and, once `wait` is first called, connects this process to it: a
-    merge that needs no actor (the start-up lane merged it all) never connects.
+    """A local Ray for one merge: its head runs in a process of its own (`distmerge.ray_head`), started here
+    now, or with `start=False` by the first `start` or `wait`. A thread waits for the head to be up and, once
+    `wait` is first called, connects this process to it: a merge that needs no actor (the start-up lane
+    merged it all) never connects.
 
     `background`: the head and every Ray process, and this process's connection, run at the lowest CPU
     priority (`distmerge.priority`).
     """
 
-    def __init__(self, options: RunOptions, background: bool = False):
+    def __init__(self, options: RunOptions, background: bool = False, start: bool = True):
         self.error: BaseException | None = None
         self.background = background
         self._up = threading.Event()
@@ -101,13 +115,29 @@ class LocalRay:
         self._stopping = False
         self._connecting = False
         flags = [*([] if options.dashboard else ["--lean"]), *(["--background"] if background else [])]
-        # Its own session: Ctrl-C in a terminal reaches this process, which stops the head, not a head
-        # interrupted half-way through starting Ray.
-        self._head = subprocess.Popen(
-            [sys.executable, "-m", "distmerge.ray_head", json.dumps(local_ray_init_kwargs(options)), *flags],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
-        self._thread = threading.Thread(target=self._connect, name="distmerge-ray", daemon=True)
-        self._thread.start()
+        self._command = [sys.executable, "-m", "distmerge.ray_head", json.dumps(local_ray_init_kwargs(options)),
+                         *flags]
+        self._head: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    @property
+    def started(self) -> bool:
+        """Whether the head process has been started (Ray may still be coming up)."""
+        return self._head is not None
+
+    def start(self) -> None:
+        """Start the head process, unless started or stopped already; returns at once."""
+        with self._lock:
+            if self._head is not None or self._stopping:
+                return
+            # Its own session: Ctrl-C in a terminal reaches this process, which stops the head, not a head
+            # interrupted half-way through starting Ray.
+            self._head = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                          start_new_session=True)
+            self._thread = threading.Thread(target=self._connect, name="distmerge-ray", daemon=True)
+            self._thread.start()
 
     def _connect(self) -> None:
         try:
@@ -131,7 +161,10 @@ class LocalRay:
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once Ray is up and this process connected (False if `timeout` passes first); raises what
-        stopped it from starting."""
+        stopped it from starting. Starts the head if it was not."""
+        self.start()
+        if self._head is None:
+            raise RuntimeError("the local Ray was stopped before it started")
         self._wanted.set()
         if not self._up.wait(timeout):
             return False
@@ -146,6 +179,8 @@ class LocalRay:
         with self._lock:
             self._stopping = True
             connecting = self._connecting
+        if self._head is None:
+            return  # never started (and now never will be)
         self._wanted.set()  # a thread waiting to connect ends instead
         if connecting:
             self._up.wait()  # a connection under way completes first
@@ -182,8 +217,8 @@ class RaySession:
 
 
 def connect_ray(options: RunOptions) -> RaySession:
-    """The Ray in use, the cluster at --address, or a local Ray: `started_early`'s, else one started now
-    (`wait` for it)."""
+    """The Ray in use, the cluster at --address, or a local Ray: `started_early`'s, else one started now, or
+    when first waited for if the start-up lane is expected (`lane_expected`)."""
     early = _early.pop("ray", None)
     if early is not None:
         return RaySession(owned=True, local=early)
@@ -193,7 +228,7 @@ def connect_ray(options: RunOptions) -> RaySession:
     if address:
         ray.init(address=address, namespace="distmerge", log_to_driver=True)
         return RaySession(owned=True)
-    return RaySession(owned=True, local=LocalRay(options))
+    return RaySession(owned=True, local=LocalRay(options, start=not lane_expected(options)))
 
 
 def stop_process_tree(pid: int) -> None:

@@ -86,8 +86,9 @@ class MergeWorker:
 class WorkerPool:
     """Named merge actors on the cluster. One per merge by default; long-running drivers keep one open.
 
-    A local Ray started for the pool comes up in the background (`distmerge.local_ray.LocalRay`): the actors
-    are spawned by the first `wait_up` that finds it up, so a caller can work meanwhile.
+    A local Ray started for the pool comes up in the background (`distmerge.local_ray.LocalRay`), started by
+    the first `wait_up` if it was not yet: the actors are spawned by the first `wait_up` that finds it up, so
+    a caller can work meanwhile.
     """
 
     def __init__(self, options: RunOptions, device: str):
@@ -107,6 +108,11 @@ class WorkerPool:
     def local(self) -> bool:
         """Whether this pool started a local Ray of its own (its start-up is the merge's to bridge)."""
         return self._ray.local is not None
+
+    @property
+    def ray_started(self) -> bool:
+        """Whether the Ray this pool runs on is up or starting (a local Ray may wait to be asked for)."""
+        return self._ray.local is None or self._ray.local.started
 
     def wait_up(self, timeout: float | None = None) -> bool:
         """True once Ray is up and the actors are spawned (False if `timeout` seconds pass first)."""

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -167,107 +164,3 @@ def test_ray_job_submit_runs_pipeline_and_failures_fail_the_job(ray_head, tiny_f
     assert failed.returncode != 0
     logs = failed.stdout + failed.stderr
     assert "missing-model" in logs and "not found" in logs and "failed" in logs, logs[-4000:]
-
-
-@pytest.mark.parametrize("lane", ["--merge-while-starting", "--no-merge-while-starting"])
-def test_cli_merge_on_its_own_local_ray_matches_the_single_process_merge(tiny_family, tmp_path, lane):
-    """`distmerge merge --workers N` starts its local Ray early (while torch imports), merges on it (and, by
-    default, in the driver until an actor is ready) and stops it: the same bytes as without Ray, no autoscaler
-    monitor or dashboard, and no Ray process of its own left behind."""
-    recipe = write_recipe(tmp_path, tiny_family, str(tmp_path / "local"), method="ties")
-    local = distmerge("merge", str(recipe), "--block-size", "64KiB", "--no-progress")
-    assert local.returncode == 0, local.stderr[-2000:]
-    # This merge's Ray keeps its sockets and logs here (a short path: sockets are limited to 107 bytes), and
-    # its processes name it on their command lines.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="dm-ray-", dir="/tmp"))
-    on_ray = distmerge("merge", str(recipe), "--output", str(tmp_path / "ray-out"), "--workers", "2",
-                       "--cpus-per-worker", "0.5", "--block-size", "64KiB", "--no-progress", lane,
-                       env={"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""})
-    assert on_ray.returncode == 0, on_ray.stderr[-2000:]
-    assert "published" in on_ray.stdout
-    assert shards(tmp_path / "ray-out") == shards(tmp_path / "local")
-    run = json.loads((tmp_path / "ray-out" / "distmerge_provenance.json").read_text())["run"]
-    # A tiny merge's first blocks are done long before an actor has imported torch; with the driver merging,
-    # it never has more blocks left than an actor would take to start, so none is started.
-    assert (run["block_tasks_in_driver_while_ray_started"] > 0) == (lane == "--merge-while-starting"), run
-    assert run["actors_started"] == (0 if lane == "--merge-while-starting" else 2), run
-    leftovers = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
-    logs = {p.name for p in ray_tmp.glob("ray/session_*/logs/*")}
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert leftovers == [], f"Ray processes left behind: {leftovers}"
-    assert not {name for name in logs if name.startswith(("monitor.", "dashboard."))}, sorted(logs)
-    if lane == "--no-merge-while-starting":  # Ray came up (with the lane, a tiny merge may end first)
-        # The local Ray was lean: GCS, raylet and its agents ran, the autoscaler monitor and dashboard did not.
-        assert {"gcs_server.out", "raylet.out", "log_monitor.log"} <= logs, sorted(logs)
-
-
-def test_cli_merge_that_fails_while_its_ray_starts_leaves_no_ray_behind(tiny_family, tmp_path):
-    """The local Ray comes up while the recipe is read: a recipe that fails first still has it stopped, with
-    every process it had started so far (none is left as an orphan)."""
-    recipe = write_recipe(tmp_path, {**tiny_family, "rl-c": str(tmp_path / "no-such-model")}, str(tmp_path / "out"))
-    ray_tmp = Path(tempfile.mkdtemp(prefix="dm-ray-", dir="/tmp"))
-    failed = distmerge("merge", str(recipe), "--workers", "1", "--no-progress",
-                       env={"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""})
-    time.sleep(1.0)  # let anything orphaned show up
-    leftovers = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
-    started = any(ray_tmp.glob("ray/session_*/logs"))
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    for pid in leftovers:  # stopped here, so a failure of this test does not leave them running
-        os.kill(int(pid), signal.SIGKILL)
-    assert failed.returncode != 0 and "no-such-model" in failed.stderr, failed.stderr[-2000:]
-    assert started, "Ray never started: the test proved nothing"
-    assert leftovers == [], f"Ray processes left behind: {leftovers}"
-
-
-PRIORITIES = """
-import json, os, sys, time
-import psutil
-from distmerge.local_ray import started_early
-from distmerge.merge import run_merge
-from distmerge.options import RunOptions
-from distmerge.recipe import load_recipe
-from distmerge.worker_pool import WorkerPool
-
-options = RunOptions(workers=1, merge_while_starting=True)
-with started_early(options):
-    pool = WorkerPool(options, "cpu")
-    try:
-        deadline = time.time() + 120
-        while not pool.an_actor_ready() and time.time() < deadline:
-            time.sleep(0.05)
-        ray_nice = {p.name(): p.nice() for p in psutil.Process().children(recursive=True)
-                    if p.name() in ("gcs_server", "raylet")}
-        import ray
-        pid = ray.get(pool.actors[0].where.remote())["pid"]
-        idle = os.getpriority(os.PRIO_PROCESS, pid)
-        # Blocks on the actor (no start-up lane here): it takes up the driver's priority with the first.
-        run_merge(load_recipe(sys.argv[1]), RunOptions(workers=1, merge_while_starting=False, progress=False,
-                                                       block_size=65536), pool=pool)
-        print(json.dumps({"driver": os.getpriority(os.PRIO_PROCESS, 0), "ray": ray_nice, "idle_actor": idle,
-                          "actor": os.getpriority(os.PRIO_PROCESS, pid)}))
-    finally:
-        pool.close()
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
-def test_a_local_ray_started_while_the_driver_merges_starts_in_the_background(tiny_family, tmp_path):
-    """With the start-up lane on, the CLI's local Ray starts at nice 19 (its start-up must not slow the merge
-    the driver runs meanwhile), its actors stay there until given a block, the driver keeps its priority, and
-    an actor at work returns to the driver's priority where the system allows raising it."""
-    recipe = write_recipe(tmp_path, tiny_family, str(tmp_path / "out"), method="ties")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="dm-ray-", dir="/tmp"))
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
-    try:
-        done = subprocess.run([sys.executable, "-c", PRIORITIES, str(recipe)], capture_output=True, text=True,
-                              timeout=300, env=env, cwd=REPO)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
-    driver = seen["driver"]
-    assert driver < 19 and seen["ray"] == {"gcs_server": 19, "raylet": 19} and seen["idle_actor"] == 19, seen
-    # Raising a priority again needs CAP_SYS_NICE (root in most containers): ask the kernel, in a child.
-    may_raise = subprocess.run([sys.executable, "-c", "import os; os.nice(1); os.setpriority(os.PRIO_PROCESS, 0, "
-                                f"{driver})"], capture_output=True).returncode == 0
-    assert seen["actor"] == (driver if may_raise else 19), seen

@@ -19,7 +19,7 @@ def merge(recipe: str, output: str | None, **flags) -> None:
     from distmerge.local_ray import started_early
 
     options = build_run_options(RunOptions, flags)
-    with started_early(options) as local_ray:  # a local Ray comes up in the background while torch imports
+    with started_early(options) as local_ray:  # a local Ray (if not left to the lane to ask for) starts now
         from distmerge.allocator import keep_freed_memory
         from distmerge.merge import run_merge
         from distmerge.recipe import load_recipe
