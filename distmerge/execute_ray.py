@@ -149,13 +149,14 @@ class RayExecutor:
         return self.pool.an_actor_ready()
 
     def run_info(self) -> dict[str, int]:
-        """For the provenance: block tasks (a block in one pass) run, how many the start-up lane ran, and how
-        many actors the pool has started (replacements included). Read while `close` may be retiring the lane
-        on another thread."""
+        """For the provenance: block tasks (a block in one pass) run, how many the start-up lane ran in the
+        driver, whether Ray was started (a local Ray the lane never asked for was not) and how many actors the
+        pool has started (replacements included). Read while `close` may be retiring the lane on another
+        thread."""
         lane = self.lane
         return {"block_tasks": self.tasks,
-                "block_tasks_in_driver_while_ray_started": lane.blocks if lane is not None else self._lane_tasks,
-                "actors_started": self.pool.spawned}
+                "block_tasks_in_driver": lane.blocks if lane is not None else self._lane_tasks,
+                "ray_started": self.pool.ray_started, "actors_started": self.pool.spawned}
 
     def _retire_lane(self) -> None:
         lane = self.lane

@@ -40,8 +40,9 @@ def test_cli_merge_on_its_own_local_ray_matches_the_single_process_merge(tiny_fa
     assert shards(tmp_path / "ray-out") == shards(tmp_path / "local")
     run = json.loads((tmp_path / "ray-out" / "distmerge_provenance.json").read_text())["run"]
     # A tiny merge's blocks take the driver a moment: never as long as Ray and an actor take to start.
-    assert (run["block_tasks_in_driver_while_ray_started"] > 0) == (lane == "--merge-while-starting"), run
+    assert (run["block_tasks_in_driver"] > 0) == (lane == "--merge-while-starting"), run
     assert run["actors_started"] == (0 if lane == "--merge-while-starting" else 2), run
+    assert run["ray_started"] == (lane == "--no-merge-while-starting"), run
     leftovers = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
     sessions = list(ray_tmp.glob("ray/session_*"))
     logs = {p.name for p in ray_tmp.glob("ray/session_*/logs/*")}
@@ -195,7 +196,8 @@ def test_a_local_ray_left_to_the_lane_starts_when_the_lane_asks_and_its_actors_t
     assert leftovers == [], f"Ray processes left behind: {leftovers}"
     assert shards(tmp_path / "out") == shards(reference)
     run = json.loads((tmp_path / "out" / "distmerge_provenance.json").read_text())["run"]
-    assert run["actors_started"] == 1 and 2 <= run["block_tasks_in_driver_while_ray_started"] < run["block_tasks"], run
+    assert run["ray_started"] and run["actors_started"] == 1, run
+    assert 2 <= run["block_tasks_in_driver"] < run["block_tasks"], run
 
 
 def test_a_local_ray_stopped_before_it_started_never_starts():

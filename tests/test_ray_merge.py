@@ -139,7 +139,7 @@ def test_startup_lane_hands_over_to_the_actors_mid_pass(pool, tiny_family, refer
     result = run_merge(recipe, options, pool=starting)
     assert merged_bytes(str(out)) == references[method]
     run = json.loads((out / "distmerge_provenance.json").read_text())["run"]
-    lane = run["block_tasks_in_driver_while_ray_started"]
+    lane = run["block_tasks_in_driver"]
     # Every statistics pass and the first shards in the driver, the other shards on the actors.
     passes = len(plan_recipe(recipe, options)[1].phases())
     assert passes >= 1 and run["block_tasks"] == (passes + 1) * result.num_blocks
@@ -153,7 +153,7 @@ def test_startup_lane_is_off_when_asked(pool, tiny_family, references, tmp_path)
         workers=2, block_size=BLOCK, progress=False, cpus_per_worker=0.25, merge_while_starting=False), pool=starting)
     assert merged_bytes(str(out)) == references["ties"]
     run = json.loads((out / "distmerge_provenance.json").read_text())["run"]
-    assert run["block_tasks_in_driver_while_ray_started"] == 0 and run["block_tasks"] > 0
+    assert run["block_tasks_in_driver"] == 0 and run["block_tasks"] > 0
 
 
 def test_dispatch_leaves_the_last_round_to_whichever_worker_frees_up():

@@ -69,11 +69,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def startup_lane_note(out: Path) -> str:
-    """How much of the work the driver did while Ray started (the rest was the actors'), from the provenance."""
+    """How much of the work the driver did (the rest was the actors'), whether it started Ray and how many
+    actors, from the provenance."""
     run = json.loads((out / "distmerge_provenance.json").read_text())["run"]
+    ray = {True: ", Ray started", False: ", Ray not started"}.get(run.get("ray_started"), "")
     actors = f", {run['actors_started']} actor(s) started" if "actors_started" in run else ""
-    return (f"{run.get('block_tasks_in_driver_while_ray_started', 0)} of {run.get('block_tasks', '?')} block tasks "
-            f"(a block in one pass) run by the driver while Ray started{actors}")
+    return (f"{run.get('block_tasks_in_driver', 0)} of {run.get('block_tasks', '?')} block tasks "
+            f"(a block in one pass) run by the driver{ray}{actors}")
 
 
 def machine() -> str:
