@@ -225,7 +225,7 @@ def test_kernels_read_bf16_inputs_as_their_task_vectors(consensus):
 
 @pytest.mark.parametrize("method,params", [("dare_ties", {"rescale": "l1"}), ("dare_linear", {}), ("ties", {}),
                                            ("task_arithmetic", {}), ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
-                                           ("breadcrumbs_ties", {})])
+                                           ("breadcrumbs_ties", {}), ("della", {}), ("della_linear", {})])
 def test_kernel_merges_never_form_fp32_task_vectors(method, params):
     """From bf16 inputs these methods merge on the inputs as read; the torch path gives the same bits."""
     sources = bf16_inputs()
@@ -239,6 +239,24 @@ def test_kernel_merges_never_form_fp32_task_vectors(method, params):
         phases, whole = merge_method.tensor_phases(parsed), TensorContext("w", numel=sources.base.numel())
         stats = chunked_tensor_stats(phases, parsed, lambda: [(not_widened(sources), whole)])
     ctx = TensorContext("w", stats=stats, numel=sources.base.numel()) if stats else TensorContext("w")
+    fused = merge_method.merge(not_widened(sources), parsed, ctx)
+    theta0, taus = cpu_kernels.bf16_deltas(sources.base, sources.models)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DISTMERGE_KERNELS", "torch")
+        assert same_bits(fused, merge_method.merge(MergeInputs(theta0, taus, [1.0, 0.5, 2.0]), parsed, ctx))
+
+
+@pytest.mark.parametrize("offset", [0, 896 * 5 + 3])
+def test_della_kernel_draws_and_forms_each_row_as_the_torch_path_reads_them(offset):
+    """DELLA from bf16 inputs draws each row's numbers and forms its task vector row by row (none stored): the
+    torch path's bits, also for a row chunk that starts inside its tensor (numbers from its offset on)."""
+    rows, row_len = 9, 896
+    flat = bf16_inputs(rows * row_len)
+    base, *models = [x.nan_to_num(0.0).view(rows, row_len) for x in (flat.base, *flat.models)]
+    sources = Bf16Sources(base, models)
+    merge_method = get_method("della")
+    parsed = merge_method.parse_params({"density": 0.4, "epsilon": 0.2})
+    ctx = TensorContext("w", seed=7, offset=offset)
     fused = merge_method.merge(not_widened(sources), parsed, ctx)
     theta0, taus = cpu_kernels.bf16_deltas(sources.base, sources.models)
     with pytest.MonkeyPatch.context() as patch:

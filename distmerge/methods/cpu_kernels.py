@@ -278,10 +278,21 @@ def combine(taus: Sequence[torch.Tensor] | Bf16Sources, weights: Sequence[float]
 
 def della_drop_rows(tau: torch.Tensor, uniform: torch.Tensor, keep_prob: torch.Tensor) -> torch.Tensor:
     """keep(uniform < p, tau / p) with p = keep_prob[row magnitude rank] (sparsify.della_drop's torch path)."""
-    out = torch.empty_like(tau)
-    row_len = tau.shape[-1]
-    if _lib().della_rows(_ptr(tau), _ptr(uniform), _ptr(keep_prob.contiguous()), tau.numel() // row_len,
-                         row_len, _ptr(out)) != 0:
+    return _della_rows(KernelTau(tau), uniform, 0, 0, keep_prob)
+
+
+def della_drop_drawn(tau: KernelTau, key: int, position: int, keep_prob: torch.Tensor) -> torch.Tensor:
+    """`della_drop_rows` with the numbers of stream `key` from `position` (rng.uniform_like's), drawn row by row
+    inside the kernel, and the task vector formed row by row from bf16 inputs when given so: neither is stored."""
+    return _della_rows(tau, None, key, position, keep_prob)
+
+
+def _della_rows(tau: KernelTau, uniform: torch.Tensor | None, key: int, position: int,
+                keep_prob: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(tau.x.shape, dtype=torch.float32)
+    row_len = tau.x.shape[-1]
+    if _lib().della_rows(_ptr(tau.x), _base(tau.base), None if uniform is None else _ptr(uniform), key, position,
+                         _ptr(keep_prob.contiguous()), tau.x.numel() // row_len, row_len, _ptr(out)) != 0:
         raise MemoryError(f"della: no scratch memory for rows of {row_len}")
     return out
 

@@ -39,8 +39,16 @@ static int sort_by_buckets(const int32_t *keys, const int32_t *columns, int64_t 
         order[slot] = columns[i];
     }
     int64_t moves_left = MOVE_BUDGET * c;
+    int32_t largest = sorted[0]; /* of the keys placed so far, held in a register: most keys (equal ones in a
+                                  * bucket, a bucket's first) stay where they are, and comparing each with the
+                                  * key stored just before would chain every step through a store and a load */
     for (int64_t i = 1; i < c; i++) {
-        int32_t k = sorted[i], column = order[i];
+        int32_t k = sorted[i];
+        if (k >= largest) {
+            largest = k;
+            continue;
+        }
+        int32_t column = order[i];
         int64_t m = i;
         for (; m > 0 && sorted[m - 1] > k; m--) {
             sorted[m] = sorted[m - 1];
@@ -126,20 +134,39 @@ HOT static void keep_by_rank(const float *tau, const float *uniform, const float
     }
 }
 
-/* DELLA per row of tau [rows, n]: keep entry j of rank r where uniform < keep_prob[r], divided by
- * keep_prob[r]. Returns -1 when scratch memory is not available. */
-int della_rows(const float *tau, const float *uniform, const float *keep_prob, int64_t rows, int64_t n,
-               float *out) {
+/* Row r of the task vector into `out`: the bf16 model x minus bf16 base (bf16_deltas' bits). */
+HOT static void tau_row(const void *x, const uint16_t *base, int64_t start, int64_t n, float *out) {
+    bf16_tau_tile(x, base, start, n, out);
+}
+
+/* DELLA per row of tau [rows, n]: keep entry j of rank r where its number < keep_prob[r], divided by
+ * keep_prob[r]. tau is x itself (fp32), or with `base`, the bf16 model x minus base, formed row by row; the
+ * numbers are uniform[r * n + j], or when `uniform` is NULL, number position + r * n + j of stream `key`,
+ * drawn row by row. Only the output is stored: no fp32 task vector, no random numbers. Returns -1 when
+ * scratch memory is not available. */
+int della_rows(const void *x, const uint16_t *base, const float *uniform, uint64_t key, int64_t position,
+               const float *keep_prob, int64_t rows, int64_t n, float *out) {
     int64_t buckets = 16;
     while (buckets < n) buckets *= 2;
-    int32_t *scratch = malloc((5 * (size_t)n + (size_t)buckets) * sizeof(int32_t));
+    const int64_t staged = (base != NULL ? n : 0) + (uniform == NULL ? n : 0);
+    int32_t *scratch = malloc((5 * (size_t)n + (size_t)buckets + (size_t)staged) * sizeof(int32_t));
     if (!scratch) return -1;
     int32_t *rank_of = scratch + 4 * n, *start = scratch + 5 * n;
+    float *tau_staged = (float *)(start + buckets), *drawn = tau_staged + (base != NULL ? n : 0);
     for (int64_t r = 0; r < rows; r++) {
+        const float *tau = (const float *)x + r * n, *u = drawn;
+        if (base != NULL) {
+            tau_row(x, base, r * n, n, tau_staged);
+            tau = tau_staged;
+        }
+        if (uniform != NULL)
+            u = uniform + r * n;
+        else
+            uniform_fill(key, position + r * n, n, drawn);
         /* ranks in column order, then one pass in column order that vectorizes: the keep probabilities are
          * gathered from a small table, the row, the random numbers and the output stream. */
-        rank_row((const int32_t *)(tau + r * n), n, scratch, start, rank_of);
-        keep_by_rank(tau + r * n, uniform + r * n, keep_prob, rank_of, n, out + r * n);
+        rank_row((const int32_t *)tau, n, scratch, start, rank_of);
+        keep_by_rank(tau, u, keep_prob, rank_of, n, out + r * n);
     }
     free(scratch);
     return 0;

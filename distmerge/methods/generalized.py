@@ -197,6 +197,13 @@ BAND_PHASES = (
 
 
 def _della(inputs: MergeInputs, params: DellaParams, ctx: TensorContext, index: int) -> torch.Tensor:
+    taus = cpu_kernels.kernel_taus(inputs)
+    if taus is not None and taus[index].x.dim() > 0 and taus[index].x.shape[-1] > 1:
+        # The numbers drawn and the task vector formed row by row inside the kernel: the same bits, neither
+        # stored.
+        tau = taus[index]
+        keep_prob = sparsify.della_keep_probs(tau.x.shape[-1], params.density, params.epsilon)
+        return cpu_kernels.della_drop_drawn(tau, mask_key(ctx.seed, ctx.name, index), ctx.offset, keep_prob)
     tau = inputs.deltas[index]
     return sparsify.della_drop(tau, params.density, params.epsilon, _uniform(tau, ctx, index))
 

@@ -108,4 +108,7 @@ static inline __attribute__((always_inline)) void tile_uniform(uint64_t key, int
     for (int64_t i = 0; i < len; i++) u[i] = (float)(int32_t)(words[i] >> 8) * 0x1p-24f;
 }
 
+/* random_kernels.c: out[0, n) = numbers [position, position + n) of stream `key`. */
+void uniform_fill(uint64_t key, int64_t position, int64_t n, float *out);
+
 #endif

@@ -50,7 +50,7 @@ _SIGNATURES = {
     "combine": [_P, _P, _I64, _P, _P, _P, ctypes.c_int, _F32, _I64, _P],
     "ram_overlap_counts": [_P, _I64, _P, _P, _F32, _I64, _P, _P],
     "ram_combine": [_P, _I64, _P, _P, _F32, _P, _I64, _P],
-    "della_rows": [_P, _P, _P, _I64, _I64, _P],
+    "della_rows": [_P, _P, _P, ctypes.c_uint64, _I64, _P, _I64, _I64, _P],
 }
 
 

@@ -206,9 +206,14 @@ def della_drop(tau: torch.Tensor, density: float, epsilon: float, uniform: torch
     if row_len == 1:
         keep_prob = torch.full_like(tau, density)
     else:
-        ranks = torch.arange(row_len, dtype=torch.float32, device=tau.device)
-        by_rank = (density - epsilon) + (2.0 * epsilon / (row_len - 1)) * ranks
+        by_rank = della_keep_probs(row_len, density, epsilon, tau.device)
         if cpu_kernels.enabled(tau, uniform):
             return cpu_kernels.della_drop_rows(tau, uniform, by_rank)
         keep_prob = _by_row_rank(tau, by_rank)
     return keep(uniform < keep_prob, tau / keep_prob)
+
+
+def della_keep_probs(row_len: int, density: float, epsilon: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """DELLA's keep probability of each rank r in a row of row_len > 1 entries: (d - eps) + 2 eps r / (n - 1)."""
+    ranks = torch.arange(row_len, dtype=torch.float32, device=device)
+    return (density - epsilon) + (2.0 * epsilon / (row_len - 1)) * ranks
