@@ -3,8 +3,10 @@
 A local Ray started for a merge takes seconds before its first actor can take a block (GCS, raylet and
 agents start, then each actor's process imports Ray and torch: 4-6 s on 2 cores), which is as long as a
 0.5B merge computes. Meanwhile the driver, which has already imported torch and planned, merges blocks
-itself: one per core, with a `LocalExecutor`. Once an actor is ready the lane takes no new block (the blocks
-it has started finish here, alongside the actors) and it is closed, its memory released for the actors.
+itself: one per core, with a `LocalExecutor`. It asks for Ray and actors only when the blocks it has not
+started would outlast their start-up (at its pace so far; a small merge never asks, and its Ray may then never
+start: see `execute_ray.RayExecutor._actors_ready`). Once an actor is ready the lane takes no new block (the
+blocks it has started finish here, alongside the actors) and it is closed, its memory released for the actors.
 Only for CPU merges on a local Ray started for the merge: on a cluster the driver may be a small head node,
 or a laptop behind `ray://`, far from the data. Blocks are idempotent and their bytes do not depend on who
 merges them, so the output is the same whatever share the lane took (`--no-merge-while-starting` turns it
@@ -87,6 +89,6 @@ class StartupLane:
 
     def close(self) -> None:
         if self.blocks:
-            log.info("ran %d block task(s) in this process while the Ray workers started", self.blocks)
+            log.info("ran %d block task(s) in this process (the start-up lane)", self.blocks)
         self.local.close()
         release_freed_memory()  # the lane's working set, for the actors
