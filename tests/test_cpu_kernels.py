@@ -356,8 +356,10 @@ def della_rows(kind: str, rows: int, row_len: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["sparse", "bf16_deltas", "crowded_by_outliers"])
-@pytest.mark.parametrize("row_len", [896, 4864])
-def test_della_row_ranks_on_typical_and_crowded_rows(torch_path, kind, row_len):
+@pytest.mark.parametrize("row_len", [896, 4864, 1001])
+@pytest.mark.parametrize("portable", [False, True])  # the AVX-512 compaction of a row where the CPU has it
+def test_della_row_ranks_on_typical_and_crowded_rows(torch_path, kind, row_len, portable, monkeypatch):
+    monkeypatch.setenv("DISTMERGE_NO_AVX512", "1" if portable else "")
     tau = della_rows(kind, 7, row_len)
     uniform = torch.rand(tau.shape, generator=torch.Generator().manual_seed(33))
     fused = sparsify.della_drop(tau, 0.3, 0.15, uniform)

@@ -15,14 +15,8 @@
  * insertion sort goes quadratic): the caller then sorts by radix. Equal keys (bf16 deltas repeat magnitudes)
  * crowd buckets too, but cost no moves. */
 #define MOVE_BUDGET 8
-static int sort_by_buckets(const int32_t *keys, const int32_t *columns, int64_t c, int64_t buckets,
-                           int32_t *sorted, int32_t *order, int32_t *start) {
-    int32_t lowest = ABS_MASK, highest = 0;
-    for (int64_t i = 0; i < c; i++) {
-        int32_t k = keys[i];
-        lowest = k < lowest ? k : lowest;
-        highest = k > highest ? k : highest;
-    }
+static int sort_by_buckets(const int32_t *keys, const int32_t *columns, int64_t c, int32_t lowest,
+                           int32_t highest, int64_t buckets, int32_t *sorted, int32_t *order, int32_t *start) {
     int shift = 0;
     while (((uint32_t)(highest - lowest) >> shift) > (uint32_t)(buckets - 1)) shift++;
     memset(start, 0, (size_t)buckets * sizeof(int32_t));
@@ -100,25 +94,95 @@ static int32_t *sort_by_radix(int32_t *keys, int32_t *order, int64_t c, int32_t 
     return order;
 }
 
-/* rank_of[j] for one row: zeros first (in column order), then the other keys sorted. `scratch` holds 5n ints
- * and `start` the bucket counts. */
-static void rank_row(const int32_t *bits, int64_t n, int32_t *scratch, int32_t *start, int32_t *rank_of) {
-    int32_t *keys = scratch, *columns = scratch + n, *sorted = scratch + 2 * n, *order = scratch + 3 * n;
-    int32_t zeros = 0, c = 0;
-    for (int64_t j = 0; j < n; j++) { /* branch-free: a zero and a nonzero are equally likely in places */
-        int32_t k = bits[j] & ABS_MASK, is_zero = k == 0;
-        rank_of[j] = zeros; /* kept for zeros only: the nonzero ranks below overwrite the others */
-        zeros += is_zero;
+/* The compaction of a row: keys[0, c) = the nonzero |bits| with columns[0, c) their columns, zero_columns[0, z)
+ * the columns of the zeros, each in column order; sets the smallest and largest key; returns c. Branch-free:
+ * a zero and a nonzero are equally likely in places. The arrays hold n + 16 ints (the vector version stores
+ * whole vectors past the ends). */
+typedef int64_t (*CompactFn)(const int32_t *bits, int64_t n, int32_t *keys, int32_t *columns,
+                             int32_t *zero_columns, int32_t *lowest, int32_t *highest);
+
+static int64_t compact_row(const int32_t *bits, int64_t n, int32_t *keys, int32_t *columns, int32_t *zero_columns,
+                           int32_t *lowest, int32_t *highest) {
+    int64_t c = 0, z = 0;
+    int32_t low = ABS_MASK, high = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const int32_t k = bits[j] & ABS_MASK, is_zero = k == 0;
         keys[c] = k;
         columns[c] = (int32_t)j;
+        zero_columns[z] = (int32_t)j;
         c += !is_zero;
+        z += is_zero;
+        low = is_zero || k > low ? low : k;
+        high = k > high ? k : high;
     }
+    *lowest = low;
+    *highest = high;
+    return c;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* compact_row with AVX-512: 16 entries a step, compressed in registers (a compressing store to memory is
+ * slow on several CPUs), stored whole. */
+__attribute__((target("avx512f"))) static int64_t compact_row_avx512(
+        const int32_t *bits, int64_t n, int32_t *keys, int32_t *columns, int32_t *zero_columns, int32_t *lowest,
+        int32_t *highest) {
+    const __m512i abs_mask = _mm512_set1_epi32(ABS_MASK), step = _mm512_set1_epi32(16);
+    __m512i column = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i low = _mm512_set1_epi32(ABS_MASK), high = _mm512_setzero_si512();
+    int64_t c = 0, z = 0, j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const __m512i k = _mm512_and_si512(_mm512_loadu_si512(bits + j), abs_mask);
+        const __mmask16 nonzero = _mm512_test_epi32_mask(k, k);
+        _mm512_storeu_si512(keys + c, _mm512_maskz_compress_epi32(nonzero, k));
+        _mm512_storeu_si512(columns + c, _mm512_maskz_compress_epi32(nonzero, column));
+        _mm512_storeu_si512(zero_columns + z, _mm512_maskz_compress_epi32((__mmask16)~nonzero, column));
+        const int count = __builtin_popcount(nonzero);
+        c += count;
+        z += 16 - count;
+        low = _mm512_mask_min_epi32(low, nonzero, low, k);
+        high = _mm512_max_epi32(high, k);
+        column = _mm512_add_epi32(column, step);
+    }
+    int32_t tail_low, tail_high;
+    const int64_t tail = compact_row(bits + j, n - j, keys + c, columns + c, zero_columns + z, &tail_low,
+                                     &tail_high);
+    for (int64_t i = 0; i < tail; i++) columns[c + i] += (int32_t)j;
+    for (int64_t i = 0; i < n - j - tail; i++) zero_columns[z + i] += (int32_t)j;
+    const int32_t vector_low = _mm512_reduce_min_epi32(low), vector_high = _mm512_reduce_max_epi32(high);
+    *lowest = tail_low < vector_low ? tail_low : vector_low;
+    *highest = tail_high > vector_high ? tail_high : vector_high;
+    return c + tail;
+}
+
+/* DISTMERGE_NO_AVX512=1 takes the portable loop (the tests compare the two). */
+static CompactFn compaction(void) {
+    const char *off = getenv("DISTMERGE_NO_AVX512");
+    if (off != NULL && *off != '\0' && *off != '0') return compact_row;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") ? compact_row_avx512 : compact_row;
+}
+#else
+static CompactFn compaction(void) { return compact_row; }
+#endif
+
+/* rank_of[j] for one row: zeros first (in column order), then the other keys sorted. `scratch` holds 6 arrays
+ * of n + 16 ints and `start` the bucket counts. */
+static void rank_row(CompactFn compact, const int32_t *bits, int64_t n, int32_t *scratch, int32_t *start,
+                     int32_t *rank_of) {
+    const int64_t stride = n + 16;
+    int32_t *keys = scratch, *columns = scratch + stride, *sorted = scratch + 2 * stride;
+    int32_t *order = scratch + 3 * stride, *zero_columns = scratch + 4 * stride;
+    int32_t lowest, highest;
+    const int64_t c = compact(bits, n, keys, columns, zero_columns, &lowest, &highest);
+    for (int64_t i = 0; i < n - c; i++) rank_of[zero_columns[i]] = (int32_t)i;
     if (c == 0) return;
     int64_t buckets = 16;
     while (buckets < c) buckets *= 2;
-    if (sort_by_buckets(keys, columns, c, buckets, sorted, order, start))
+    if (sort_by_buckets(keys, columns, c, lowest, highest, buckets, sorted, order, start))
         order = sort_by_radix(keys, columns, c, sorted, order);
-    for (int32_t i = 0; i < c; i++) rank_of[order[i]] = zeros + i;
+    const int32_t zeros = (int32_t)(n - c);
+    for (int64_t i = 0; i < c; i++) rank_of[order[i]] = zeros + (int32_t)i;
 }
 
 /* out[j] = tau[j] / p where uniform[j] < p, else +0.0 (a bit mask: a coin flip as a branch mispredicts every
@@ -148,11 +212,12 @@ int della_rows(const void *x, const uint16_t *base, const float *uniform, uint64
                const float *keep_prob, int64_t rows, int64_t n, float *out) {
     int64_t buckets = 16;
     while (buckets < n) buckets *= 2;
-    const int64_t staged = (base != NULL ? n : 0) + (uniform == NULL ? n : 0);
-    int32_t *scratch = malloc((5 * (size_t)n + (size_t)buckets + (size_t)staged) * sizeof(int32_t));
+    const int64_t stride = n + 16, staged = (base != NULL ? n : 0) + (uniform == NULL ? n : 0);
+    int32_t *scratch = malloc((6 * (size_t)stride + (size_t)buckets + (size_t)staged) * sizeof(int32_t));
     if (!scratch) return -1;
-    int32_t *rank_of = scratch + 4 * n, *start = scratch + 5 * n;
+    int32_t *rank_of = scratch + 5 * stride, *start = scratch + 6 * stride;
     float *tau_staged = (float *)(start + buckets), *drawn = tau_staged + (base != NULL ? n : 0);
+    const CompactFn compact = compaction();
     for (int64_t r = 0; r < rows; r++) {
         const float *tau = (const float *)x + r * n, *u = drawn;
         if (base != NULL) {
@@ -165,7 +230,7 @@ int della_rows(const void *x, const uint16_t *base, const float *uniform, uint64
             uniform_fill(key, position + r * n, n, drawn);
         /* ranks in column order, then one pass in column order that vectorizes: the keep probabilities are
          * gathered from a small table, the row, the random numbers and the output stream. */
-        rank_row((const int32_t *)tau, n, scratch, start, rank_of);
+        rank_row(compact, (const int32_t *)tau, n, scratch, start, rank_of);
         keep_by_rank(tau, u, keep_prob, rank_of, n, out + r * n);
     }
     free(scratch);
